@@ -1,0 +1,22 @@
+"""peft-mazo: masked zeroth-order (MaZO) multi-task fine-tuning as a PEFT method.
+
+`import peft_mazo` registers the "MAZO" method with peft, so that `get_peft_model`, `PeftModel.from_pretrained` and
+`PeftConfig.from_pretrained` handle `MaZOConfig` adapters.
+"""
+
+from peft.utils import register_peft_method
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+from ._peft_type import ensure_mazo_peft_type
+from .config import MaZOConfig
+from .layer import Linear, MaZOLayer
+from .model import MaZOModel
+
+
+__version__ = "0.1.0"
+
+# Registration is idempotent: a second import (e.g. after importlib.reload) finds the method already there.
+if PEFT_TYPE_TO_TUNER_MAPPING.get(ensure_mazo_peft_type()) is None:
+    register_peft_method(name="mazo", config_cls=MaZOConfig, model_cls=MaZOModel, prefix="mazo_")
+
+__all__ = ["Linear", "MaZOConfig", "MaZOLayer", "MaZOModel", "__version__"]

@@ -1,0 +1,137 @@
+"""`MaZOConfig`: the fields of a MaZO adapter and their validation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+from ._peft_type import ensure_mazo_peft_type
+
+
+SCORERS = ("mazo", "wanda", "magnitude", "random", "none")
+DELTA_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class MaZOConfig(PeftConfig):
+    """Configuration of a MaZO adapter (Zhang et al., EMNLP 2025, arXiv 2502.11513).
+
+    Every targeted weight `W` (out × in) gets a binary mask `M` with exactly `k = ceil((1 - sparsity) * in)` ones per
+    row, and a trainable delta restricted to it: `ΔW ⊙ M` stored as (out, k) values (`r = 0`, dense mode) or
+    `(lora_alpha / r) · (B A) ⊙ M` with `A` (r, in) and `B` (out, r) (`r > 0`, LoRA mode).
+
+    Args:
+        sparsity (`float`): Fraction ρ ∈ [0, 1) of each row that stays frozen. Paper defaults: 0.9 dense, 0.8 LoRA.
+        r (`int`): 0 for the dense masked delta, > 0 for the LoRA rank.
+        lora_alpha (`float`, *optional*): LoRA scaling numerator; the scale is `lora_alpha / r`. Defaults to `r`.
+        target_modules (`str` or `list[str]`): Modules to adapt. Defaults to `"all-linear"`: every linear layer except
+            the output head.
+        alpha (`float`): Weight of the greedy score in the MaZO importance (paper: 10).
+        beta (`float`): Weight of the weight-magnitude score in the MaZO importance (paper: 1).
+        scorer (`str`): How the mask is chosen: "mazo", "wanda", "magnitude", "random" or "none" (no mask).
+        mask_seed (`int`): Seed of the "random" scorer.
+        init_weights (`bool`): True: the adapter starts as the identity. False: a random non-zero delta (tests).
+        delta_dtype (`str`): dtype of the trainable state, "float32" (default) or "float64"; never half precision.
+    """
+
+    sparsity: float = field(
+        default=0.9,
+        metadata={"help": "Fraction of each weight row that stays frozen, in [0, 1). Paper: 0.9 dense, 0.8 LoRA."},
+    )
+    r: int = field(default=0, metadata={"help": "0 = dense masked delta; > 0 = LoRA rank of the masked delta."})
+    lora_alpha: Optional[float] = field(
+        default=None, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r). Defaults to r (scale 1)."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={
+            "help": "Module names (list: exact or suffix match) or a regex to adapt. 'all-linear' (default) adapts "
+            "every linear layer except the output head."
+        },
+    )
+    alpha: float = field(default=10.0, metadata={"help": "Weight of the greedy score in the MaZO importance."})
+    beta: float = field(default=1.0, metadata={"help": "Weight of the |W| score in the MaZO importance."})
+    scorer: Literal["mazo", "wanda", "magnitude", "random", "none"] = field(
+        default="mazo",
+        metadata={
+            "help": "Mask scorer: 'mazo' (paper), 'wanda', 'magnitude', 'random' or 'none' (all ones, no mask). "
+            "Until compute_importance runs, 'mazo' and 'wanda' adapters hold a data-free magnitude mask."
+        },
+    )
+    mask_seed: int = field(default=0, metadata={"help": "Seed of the 'random' scorer."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: the adapter starts as the identity. False: random non-zero delta (for tests)."},
+    )
+    delta_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the trainable state: 'float32' or 'float64'. Never bf16/fp16."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules (e.g. a classifier head) to train fully and save with the adapter."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt; None = all layers."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the layer list when layers_to_transform is set, e.g. 'layers' or 'h'."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_mazo_peft_type()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"MaZOConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(
+                f"MaZOConfig.sparsity must be in [0, 1) (the fraction of each row that stays frozen), got "
+                f"{self.sparsity}. Use e.g. 0.9 for the dense delta or 0.8 with LoRA."
+            )
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(
+                f"MaZOConfig.r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {self.r!r}."
+            )
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.r) if self.r > 0 else None
+        elif self.r == 0:
+            raise ValueError("MaZOConfig.lora_alpha is set but r = 0 (dense mode has no LoRA scale); set r > 0.")
+        elif not self.lora_alpha > 0:
+            raise ValueError(f"MaZOConfig.lora_alpha must be > 0, got {self.lora_alpha}.")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"MaZOConfig.scorer must be one of {SCORERS}, got {self.scorer!r}.")
+        if self.delta_dtype not in DELTA_DTYPES:
+            raise ValueError(
+                f"MaZOConfig.delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}: the trainable state "
+                "is kept in full precision so that small updates are not rounded away."
+            )
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"MaZOConfig.{name} must be a number >= 0, got {value!r}.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("MaZOConfig.layers_pattern only applies with layers_to_transform; set both or neither.")
+        if self.scorer == "none" and self.sparsity > 0:
+            warnings.warn(
+                f"MaZOConfig(scorer='none') trains every entry: sparsity={self.sparsity} is ignored.", stacklevel=3
+            )
+
+    @property
+    def torch_delta_dtype(self) -> torch.dtype:
+        """The `torch.dtype` of the trainable state."""
+        return getattr(torch, self.delta_dtype)
+
+    @property
+    def effective_sparsity(self) -> float:
+        """The sparsity the mask really has: 0 with `scorer="none"`."""
+        return 0.0 if self.scorer == "none" else self.sparsity

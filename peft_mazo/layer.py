@@ -1,0 +1,319 @@
+"""The MaZO layer: a frozen linear base plus a masked delta (dense or LoRA), forward, merge and unmerge.
+
+Shapes, for a base weight `W` of shape (out, in) and `k` kept entries per row:
+
+- dense mode (`r = 0`): trainable `mazo_values[a]` (out, k) and buffer `mazo_columns[a]` (out, k) int16/int32, the
+  kept columns of each row; the delta is `ΔW ⊙ M`, i.e. `ΔW[i, columns[i, j]] = values[i, j]`.
+- LoRA mode (`r > 0`): trainable `mazo_A[a]` (r, in), `mazo_B[a]` (out, r) and buffer `mazo_bits[a]`
+  (out, ceil(in / 8)) uint8, the bit-packed mask; the delta is `(lora_alpha / r) · (B A) ⊙ M`.
+- with `scorer="none"` there is no mask buffer: the dense delta is (out, in) values, the LoRA delta is unmasked.
+
+Every adapter also stores `mazo_shape[a]` = [out, in], so that loading onto a base of other shapes fails clearly.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from . import mask as mask_ops
+from .config import MaZOConfig
+from .quantized import dense_weight, quantization_kind, replace_quantized_weight
+
+
+class MaZOLayer(BaseTunerLayer):
+    """Adapter state and mask bookkeeping shared by all MaZO layers (see the module docstring for shapes)."""
+
+    adapter_layer_names = ("mazo_values", "mazo_A", "mazo_B")
+    other_param_names = ("mazo_columns", "mazo_bits", "mazo_shape", "mazo_k", "mazo_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.mazo_values = nn.ParameterDict({})
+        self.mazo_A = nn.ParameterDict({})
+        self.mazo_B = nn.ParameterDict({})
+        self.mazo_columns = BufferDict({}, persistent=True)
+        self.mazo_bits = BufferDict({}, persistent=True)
+        self.mazo_shape = BufferDict({}, persistent=True)
+        self.mazo_k: dict[str, int] = {}
+        self.mazo_scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self._register_load_state_dict_pre_hook(self._check_loaded_adapter, with_module=False)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # creation and masks
+    # ----------------------------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: MaZOConfig, module_key: str = "", **kwargs: Any) -> None:
+        """Create adapter `adapter_name`: its trainable delta and a data-free mask (see `initial_mask_scores`)."""
+        out_features, in_features = self.out_features, self.in_features
+        device = self.get_base_layer().weight.device
+        dtype = config.torch_delta_dtype
+        masked = config.scorer != "none"
+        k = mask_ops.kept_per_row(in_features, config.sparsity) if masked else in_features
+        self.mazo_k[adapter_name] = k
+        self.mazo_shape[adapter_name] = torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+
+        if config.r == 0:
+            values = torch.zeros(out_features, k, dtype=dtype, device=device)
+            if not config.init_weights:
+                values.normal_(0.0, 0.02)
+            self.mazo_values[adapter_name] = nn.Parameter(values)
+        else:
+            self.mazo_scaling[adapter_name] = float(config.lora_alpha) / config.r
+            lora_a = torch.empty(config.r, in_features, dtype=dtype, device=device)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            lora_b = torch.zeros(out_features, config.r, dtype=dtype, device=device)
+            if not config.init_weights:
+                nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+            self.mazo_A[adapter_name] = nn.Parameter(lora_a)
+            self.mazo_B[adapter_name] = nn.Parameter(lora_b)
+
+        if masked and device.type != "meta":
+            scores = self.initial_mask_scores(config, module_key)
+            self._store_columns(adapter_name, mask_ops.topk_columns(scores, k))
+        elif masked:  # empty weights (low_cpu_mem_usage): the mask is loaded from the checkpoint
+            self._store_columns(adapter_name, torch.zeros(out_features, k, dtype=torch.int64, device=device))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def initial_mask_scores(self, config: MaZOConfig, module_key: str) -> torch.Tensor:
+        """Data-free (out, in) scores for a new adapter's mask.
+
+        "random": uniform scores from a generator seeded by `mask_seed` and the module's name (reproducible, different
+        for every layer). Every other scorer starts from |W| (row-wise magnitude); "mazo" and "wanda" need calibration
+        data and replace it in `compute_importance`.
+        """
+        if config.scorer == "random":
+            generator = torch.Generator().manual_seed(config.mask_seed * 1_000_003 + zlib.crc32(module_key.encode()))
+            return torch.rand(self.out_features, self.in_features, generator=generator)
+        return dense_weight(self.get_base_layer()).abs().float()
+
+    def _store_columns(self, adapter_name: str, columns: torch.Tensor) -> None:
+        """Store the (out, k) kept columns in the adapter's compact form."""
+        device = self.mazo_shape[adapter_name].device
+        if adapter_name in self.mazo_values:
+            self.mazo_columns[adapter_name] = columns.to(device=device, dtype=mask_ops.index_dtype(self.in_features))
+        else:
+            self.mazo_bits[adapter_name] = mask_ops.pack_bits(mask_ops.indices_to_dense(columns.to(device), self.in_features))
+
+    def is_masked(self, adapter_name: str) -> bool:
+        """False when the adapter has no mask (`scorer="none"`)."""
+        return adapter_name in self.mazo_columns or adapter_name in self.mazo_bits
+
+    def get_mask(self, adapter_name: str) -> torch.Tensor:
+        """The dense (out, in) bool mask of `adapter_name`, materialized on demand (all ones without a mask)."""
+        if adapter_name in self.mazo_columns:
+            return mask_ops.indices_to_dense(self.mazo_columns[adapter_name], self.in_features)
+        if adapter_name in self.mazo_bits:
+            return mask_ops.unpack_bits(self.mazo_bits[adapter_name], self.in_features)
+        device = self.mazo_shape[adapter_name].device
+        return torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=device)
+
+    def set_mask_columns(self, adapter_name: str, columns: torch.Tensor, reset: bool = False) -> None:
+        """Replace the mask of `adapter_name` by the (out, k) kept `columns` of every row.
+
+        Refuses (ValueError) while the adapter's delta is non-zero, since that would silently change a trained
+        adapter, unless `reset=True`, which sets the delta back to zero (the identity).
+        """
+        if not self.is_masked(adapter_name):
+            raise ValueError(
+                f"Adapter '{adapter_name}' was created with scorer='none' and has no mask to set; create it with "
+                "another scorer."
+            )
+        k = self.mazo_k[adapter_name]
+        expected = (self.out_features, k)
+        if tuple(columns.shape) != expected:
+            raise ValueError(f"mask columns must have shape (out, k) = {expected}, got {tuple(columns.shape)}.")
+        mask_ops.check_columns(columns, self.in_features)
+        if self.delta_is_nonzero(adapter_name):
+            if not reset:
+                raise ValueError(
+                    f"Adapter '{adapter_name}' already has a non-zero delta; changing its mask would silently change "
+                    "the trained adapter. Pass reset=True to zero the delta and set the mask."
+                )
+            self.reset_delta(adapter_name)
+        self._store_columns(adapter_name, columns)
+
+    def set_mask(self, adapter_name: str, mask: torch.Tensor, reset: bool = False) -> None:
+        """Replace the mask of `adapter_name` by the dense (out, in) bool `mask` (exactly k ones per row)."""
+        expected = (self.out_features, self.in_features)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have the weight's shape (out, in) = {expected}, got {tuple(mask.shape)}.")
+        mask_ops.check_row_counts(mask, self.mazo_k[adapter_name])
+        self.set_mask_columns(adapter_name, mask_ops.dense_to_indices(mask), reset=reset)
+
+    def delta_is_nonzero(self, adapter_name: str) -> bool:
+        """True when the adapter currently changes the layer (dense values or LoRA B not all zero)."""
+        trainable = self.mazo_values if adapter_name in self.mazo_values else self.mazo_B
+        return bool(trainable[adapter_name].detach().any())
+
+    @torch.no_grad()
+    def reset_delta(self, adapter_name: str) -> None:
+        """Set the adapter's delta to zero (dense values or LoRA B), so that it is the identity again."""
+        trainable = self.mazo_values if adapter_name in self.mazo_values else self.mazo_B
+        trainable[adapter_name].zero_()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the delta
+    # ----------------------------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense (out, in) delta `ΔW ⊙ M` of `adapter_name`, in the adapter's dtype (differentiable)."""
+        if adapter_name in self.mazo_values:
+            values = self.mazo_values[adapter_name]
+            if adapter_name not in self.mazo_columns:
+                return values
+            delta = torch.zeros(self.out_features, self.in_features, dtype=values.dtype, device=values.device)
+            return delta.scatter(1, self.mazo_columns[adapter_name].long(), values)
+        lora_b, lora_a = self.mazo_B[adapter_name], self.mazo_A[adapter_name]
+        delta = (lora_b @ lora_a) * self.mazo_scaling[adapter_name]
+        if adapter_name in self.mazo_bits:
+            delta = delta * mask_ops.unpack_bits(self.mazo_bits[adapter_name], self.in_features)
+        return delta
+
+    def _add_delta(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`weight + ΔW ⊙ M`, summed in the adapter's dtype and rounded once to `weight.dtype`.
+
+        Dense masked mode touches only the k kept entries of each row (gather, add, scatter into a copy).
+        """
+        if adapter_name in self.mazo_columns:
+            columns = self.mazo_columns[adapter_name].long()
+            values = self.mazo_values[adapter_name]
+            kept = weight.gather(1, columns).to(values.dtype) + values
+            return weight.scatter(1, columns, kept.to(weight.dtype))
+        delta = self.get_delta_weight(adapter_name)
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # peft plumbing
+    # ----------------------------------------------------------------------------------------------------------------
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device, keeping its own dtype (the delta never becomes bf16)."""
+        device = device if device is not None else self.get_base_layer().weight.device
+        if device.type == "meta":
+            return
+        for name in self.adapter_layer_names + ("mazo_columns", "mazo_bits", "mazo_shape"):
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+
+    def _check_loaded_adapter(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Before loading: refuse a checkpoint made for another weight shape, another k, or with a broken mask."""
+        module = prefix.rstrip(".") or "<root>"
+        for adapter_name in list(self.mazo_shape.keys()):
+            shape_key = f"{prefix}mazo_shape.{adapter_name}"
+            if shape_key in state_dict:
+                saved = tuple(int(v) for v in state_dict[shape_key].tolist())
+                if saved != (self.out_features, self.in_features):
+                    raise ValueError(
+                        f"MaZO adapter '{adapter_name}' of module '{module}' was saved for a weight of shape "
+                        f"(out, in) = {saved}, but this base model's layer has shape "
+                        f"{(self.out_features, self.in_features)}. Load the adapter onto the base model it was "
+                        "trained on."
+                    )
+            k = self.mazo_k[adapter_name]
+            columns = state_dict.get(f"{prefix}mazo_columns.{adapter_name}")
+            if columns is not None:
+                if tuple(columns.shape) != (self.out_features, k):
+                    raise ValueError(
+                        f"MaZO adapter '{adapter_name}' of module '{module}' was saved with {columns.shape[-1]} kept "
+                        f"entries per row, but its adapter_config.json gives k = {k} (sparsity/scorer differ). Use "
+                        "the adapter_config.json saved with these weights."
+                    )
+                mask_ops.check_columns(columns, self.in_features, name=f"mask of '{module}' (adapter '{adapter_name}')")
+            bits = state_dict.get(f"{prefix}mazo_bits.{adapter_name}")
+            if bits is not None:
+                mask_ops.check_row_counts(
+                    mask_ops.unpack_bits(bits, self.in_features), k, name=f"mask of '{module}' (adapter '{adapter_name}')"
+                )
+
+
+class Linear(nn.Module, MaZOLayer):
+    """MaZO on a linear base: `torch.nn.Linear`, bitsandbytes `Linear4bit` or `Linear8bitLt`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MaZOConfig, module_key: str = "") -> None:
+        super().__init__()
+        MaZOLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_key=module_key)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`y = x (W + Σ_a ΔW_a ⊙ M_a)ᵀ + bias` for the active adapters; x (..., in) -> y (..., out).
+
+        Full-precision bases: the effective weight is composed (one layer's worth, transiently) and applied in one
+        matmul, so the delta costs no second matmul. Quantized bases: base output plus `x ΔWᵀ`.
+        """
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [name for name in self.active_adapters if name in self.mazo_k]
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+
+        base = self.get_base_layer()
+        if quantization_kind(base):
+            result = self.base_layer(x, *args, **kwargs)
+            for name in adapters:
+                delta = self.get_delta_weight(name)
+                result = result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+            return result
+
+        weight = base.weight
+        for name in adapters:
+            weight = self._add_delta(weight, name)
+        return F.linear(x, weight, base.bias)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas of `adapter_names` (default: the active ones) into the base weight.
+
+        Args:
+            safe_merge (`bool`): compute the merged weight in a copy and raise if it is not finite.
+            adapter_names (`list[str]`, *optional*): adapters to merge.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.mazo_k:
+                continue
+            with torch.no_grad():
+                if quantization_kind(base):
+                    delta = self.get_delta_weight(name)
+                    merged = dense_weight(base).to(delta.dtype) + delta
+                else:
+                    merged = self._add_delta(base.weight.detach(), name)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken.")
+                if quantization_kind(base):
+                    replace_quantized_weight(base, merged)
+                else:
+                    base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta from the base weight again (exact up to rounding)."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.mazo_k:
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(name)
+                weight = dense_weight(base)
+                restored = (weight.to(delta.dtype) - delta).to(weight.dtype)
+                if quantization_kind(base):
+                    replace_quantized_weight(base, restored)
+                else:
+                    base.weight.data = restored
+
+    def __repr__(self) -> str:
+        return "mazo." + super().__repr__()
