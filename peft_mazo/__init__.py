@@ -4,8 +4,8 @@
 `PeftConfig.from_pretrained` handle `MaZOConfig` adapters.
 """
 
-from peft.utils import register_peft_method
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
 from ._peft_type import ensure_mazo_peft_type
 from .config import MaZOConfig

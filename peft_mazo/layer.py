@@ -104,7 +104,9 @@ class MaZOLayer(BaseTunerLayer):
         if adapter_name in self.mazo_values:
             self.mazo_columns[adapter_name] = columns.to(device=device, dtype=mask_ops.index_dtype(self.in_features))
         else:
-            self.mazo_bits[adapter_name] = mask_ops.pack_bits(mask_ops.indices_to_dense(columns.to(device), self.in_features))
+            self.mazo_bits[adapter_name] = mask_ops.pack_bits(
+                mask_ops.indices_to_dense(columns.to(device), self.in_features)
+            )
 
     def is_masked(self, adapter_name: str) -> bool:
         """False when the adapter has no mask (`scorer="none"`)."""
@@ -229,11 +231,15 @@ class MaZOLayer(BaseTunerLayer):
                         f"entries per row, but its adapter_config.json gives k = {k} (sparsity/scorer differ). Use "
                         "the adapter_config.json saved with these weights."
                     )
-                mask_ops.check_columns(columns, self.in_features, name=f"mask of '{module}' (adapter '{adapter_name}')")
+                mask_ops.check_columns(
+                    columns, self.in_features, name=f"mask of '{module}' (adapter '{adapter_name}')"
+                )
             bits = state_dict.get(f"{prefix}mazo_bits.{adapter_name}")
             if bits is not None:
                 mask_ops.check_row_counts(
-                    mask_ops.unpack_bits(bits, self.in_features), k, name=f"mask of '{module}' (adapter '{adapter_name}')"
+                    mask_ops.unpack_bits(bits, self.in_features),
+                    k,
+                    name=f"mask of '{module}' (adapter '{adapter_name}')",
                 )
 
 

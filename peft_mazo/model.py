@@ -135,6 +135,11 @@ class MaZOModel(BaseTuner):
         columns = {}
         for name, mask in masks.items():
             layer = layers[name]
+            if not layer.is_masked(adapter_name):
+                raise ValueError(
+                    f"Adapter '{adapter_name}' of '{name}' was created with scorer='none' and has no mask to set; "
+                    "create the adapter with another scorer."
+                )
             expected = (layer.out_features, layer.in_features)
             if tuple(mask.shape) != expected:
                 raise ValueError(f"mask of '{name}' must have shape {expected}, got {tuple(mask.shape)}.")

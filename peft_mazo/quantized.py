@@ -28,10 +28,24 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     kind = quantization_kind(base_layer)
     weight = base_layer.weight
     if kind == "4bit":
+        _restore_standard_4bit_layout(weight)
         return dequantize_bnb_weight(weight, state=weight.quant_state)
     if kind == "8bit":
         return dequantize_bnb_weight(weight, state=base_layer.state)
     return weight.detach()
+
+
+def _restore_standard_4bit_layout(weight: torch.nn.Parameter) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight, so that `dequantize_4bit` reads it correctly.
+
+    On CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit weight into a kernel-specific layout on the first
+    inference forward. It undoes this itself before saving or moving the weight (same call as here); the next
+    forward repacks it.
+    """
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def replace_quantized_weight(base_layer: nn.Module, new_weight: torch.Tensor) -> None:
