@@ -9,8 +9,20 @@ from peft.utils import register_peft_method
 
 from ._peft_type import ensure_mazo_peft_type
 from .config import MaZOConfig
+from .importance import ImportanceReport, compute_importance
 from .layer import Linear, MaZOLayer
 from .model import MaZOModel
+from .trainer import MaZOTrainer, MaZOTrainingArguments
+from .zo import (
+    ZOSGD,
+    CoBaWeighting,
+    EqualWeighting,
+    FAMOWeighting,
+    StaticWeighting,
+    TaskWeighting,
+    ZOStepResult,
+    make_weighting,
+)
 
 
 __version__ = "0.1.0"
@@ -19,4 +31,22 @@ __version__ = "0.1.0"
 if PEFT_TYPE_TO_TUNER_MAPPING.get(ensure_mazo_peft_type()) is None:
     register_peft_method(name="mazo", config_cls=MaZOConfig, model_cls=MaZOModel, prefix="mazo_")
 
-__all__ = ["Linear", "MaZOConfig", "MaZOLayer", "MaZOModel", "__version__"]
+__all__ = [
+    "CoBaWeighting",
+    "EqualWeighting",
+    "FAMOWeighting",
+    "ImportanceReport",
+    "Linear",
+    "MaZOConfig",
+    "MaZOLayer",
+    "MaZOModel",
+    "MaZOTrainer",
+    "MaZOTrainingArguments",
+    "StaticWeighting",
+    "TaskWeighting",
+    "ZOSGD",
+    "ZOStepResult",
+    "__version__",
+    "compute_importance",
+    "make_weighting",
+]

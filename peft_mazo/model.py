@@ -152,3 +152,40 @@ class MaZOModel(BaseTuner):
             columns[name] = dense_to_indices(mask)
         for name, cols in columns.items():
             layers[name].set_mask_columns(adapter_name, cols, reset=reset)
+
+    def compute_importance(
+        self,
+        calib_loaders=None,
+        num_batches: Optional[int] = None,
+        eta: Optional[float] = None,
+        progress: bool = True,
+        adapter_name: Optional[str] = None,
+        reset: bool = False,
+        *,
+        damping: float = 0.01,
+        max_stats_bytes: Optional[int] = None,
+    ):
+        """Compute the multi-task mask of the adapter from calibration data (MAZO_SPEC §3) and write it.
+
+        Example:
+
+            ```py
+            >>> report = model.compute_importance({"sst2": loader_a, "boolq": loader_b}, num_batches=8)
+            >>> print(report)  # per task: tokens, time, overlap of its own top-k set with the final mask
+            ```
+
+        See `peft_mazo.importance.compute_importance` for the arguments; returns an `ImportanceReport`.
+        """
+        from .importance import compute_importance
+
+        return compute_importance(
+            self,
+            calib_loaders,
+            num_batches=num_batches,
+            eta=eta,
+            progress=progress,
+            adapter_name=adapter_name,
+            reset=reset,
+            damping=damping,
+            max_stats_bytes=max_stats_bytes,
+        )

@@ -14,6 +14,8 @@ import peft_mazo  # noqa: F401  (registers the MAZO method)
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist runs one worker per core: one thread per worker avoids oversubscription (tiny models slow ~50x).
+torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
