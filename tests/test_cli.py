@@ -1,6 +1,7 @@
 """The `mazo` command and the run behind it, end to end on a tiny model and the real task files."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,15 @@ def test_eval_of_a_saved_adapter_matches_the_training_run(tiny_model_dir, tmp_pa
     evaluated = json.loads((eval_out / "results.json").read_text())
     for task in TASKS:
         assert evaluated["after"][task]["score"] == pytest.approx(trained["after"][task]["score"])
+
+
+def test_train_on_a_4bit_base(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    config = small_config(tiny_model_dir, tmp_path, load_in_4bit=True, steps=2, evaluate_before=False, n_test=4)
+    results = run(config)
+    assert set(results["after"]) == set(TASKS)
+    log = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    assert any(r["projected_grads"]["sst2"] != 0 for r in log)  # the nf4 model's adapter really moved the loss
+    trained = adapter_tensors(tmp_path / "adapter")
+    assert any(k.endswith("mazo_B") and t.abs().sum() > 0 for k, t in trained.items())
