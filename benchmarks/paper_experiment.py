@@ -26,7 +26,7 @@ from pathlib import Path
 
 ALL_TASKS = ["sst2", "boolq", "rte", "wsc", "wic", "multirc", "copa", "squad"]
 ABLATION_TASKS = ["sst2", "boolq", "copa", "squad"]
-TABLE1_METHODS = ["zero-shot", "mtl-zo", "famo", "coba", "mtl-zo-lora", "mazo", "mazo-lora", "shared"]
+TABLE1_METHODS = ["zero-shot", "mtl-zo", "famo", "coba", "mtl-zo-lora", "mazo", "mazo-lora", "stl-zo", "shared"]
 ABLATION_METHODS = ["mtl-zo", "mask-random", "mask-magnitude", "mask-wanda", "mask-mazo"]
 
 
