@@ -17,6 +17,11 @@ CPU). Each window runs every task's calibration batches once, stopping the forwa
 layer, reduces its statistics to n-vectors (S_global, S_greedy) one group at a time, and frees them. The batches are
 taken from the loaders once, up front, so that every window sees exactly the same data. Masks are then chosen one
 layer at a time, in blocks of rows, and written only after every layer has been scored.
+
+Data parallel. Under `torch.distributed` (more than one rank), every rank runs its own shard of each task's
+calibration batches; when a window's statistics of a task are complete they are summed over the ranks (one all-reduce
+per group of its Σx and XᵀX, packed in one buffer, and one of the window's token counts N), so every rank scores the
+union of the data and builds the same mask.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .layer import MaZOLayer
 from .mask import index_dtype, indices_to_dense, topk_columns
 from .quantized import dense_weight
@@ -288,11 +294,14 @@ class _GroupStats:
     """Float32 running statistics of one group over one task: N, Σx and XᵀX (`full`) or Σx² (Wanda)."""
 
     def __init__(self, in_features: int, device: torch.device, full: bool) -> None:
+        n = in_features
         self.tokens = 0
         self.full = full
-        self.input_sum = torch.zeros(in_features, dtype=torch.float32, device=device) if full else None
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if full else None
-        self.sq_sum = None if full else torch.zeros(in_features, dtype=torch.float32, device=device)
+        # one buffer [Σx, XᵀX] (or Σx²), so that data-parallel ranks sum a group's statistics with one all-reduce
+        self.buffer: Optional[torch.Tensor] = torch.zeros(n * n + n if full else n, dtype=torch.float32, device=device)
+        self.input_sum = self.buffer[:n] if full else None
+        self.xtx = self.buffer[n:].view(n, n) if full else None
+        self.sq_sum = None if full else self.buffer
 
     def add(self, rows: torch.Tensor, drop: Optional[torch.Tensor], kept: int) -> None:
         """Accumulate the (tokens, n) `rows`, zeroing those where `drop` (tokens,) is True, in token chunks."""
@@ -619,6 +628,8 @@ def compute_importance(
         calib_loaders: `{task: loader}`, a sequence of `(task, loader)` pairs, or one loader (a single task). Each
             loader yields mappings accepted by `model(**batch)`; tokens where `attention_mask == 0` are ignored.
             The batches are taken once up front (they are small: token ids) and reused by every statistics window.
+            Under `torch.distributed`, pass each rank its own shard (at least one batch per task on every rank): the
+            statistics are summed over the ranks, and every rank writes the same mask.
         num_batches (`int`, *optional*): batches per task; None = the whole loader.
         eta (`float`, *optional*): learning rate η of the greedy score; default `DEFAULT_ETA` = 1e-7.
         progress (`bool`): tqdm bars per task (forward passes) and per layer (scores).
@@ -673,6 +684,8 @@ def compute_importance(
 
     tasks = _take_batches(calib_loaders, num_batches)
     report.tasks = [task for task, _ in tasks]
+    if _dist.is_distributed():  # every rank must run the same tasks: their statistics are summed over the ranks
+        _dist.assert_same_on_all_ranks((report.tasks, scorer), "compute_importance's calibration tasks and scorer")
     full = scorer == "mazo"
     report.settings.update({"eta": eta, "damping": damping} if full else {})
     report.settings.update({"alpha": config.alpha, "beta": config.beta} if full else {})
@@ -911,6 +924,7 @@ def _collect_task_vectors(
                     _forward(model, batch, device, no_cache, recorder)
                     passes += 1
                 stats = recorder.finish_window()
+                _all_reduce_stats(stats)  # data parallel: the window's statistics over every rank's shard
                 _synchronize(devices)
                 task_seconds[task] = task_seconds.get(task, 0.0) + time.perf_counter() - begin
                 for group in window:
@@ -930,6 +944,20 @@ def _collect_task_vectors(
     return vectors, tokens, vector_seconds, recorder.groups, len(windows), passes
 
 
+def _all_reduce_stats(stats: dict[int, _GroupStats]) -> None:
+    """Sum one window's statistics of one task over the ranks (no-op in a single process): one all-reduce of the
+    token counts, then one per group of its packed [Σx, XᵀX] (or Σx²) buffer. Every rank then holds the statistics
+    of the union of the ranks' calibration batches."""
+    if not _dist.is_distributed():
+        return
+    order = sorted(stats)
+    counts = torch.tensor([stats[i].tokens for i in order], dtype=torch.int64)
+    _dist.all_reduce_sum_(counts)
+    for index, count in zip(order, counts.tolist(), strict=True):
+        _dist.all_reduce_sum_(stats[index].buffer)
+        stats[index].tokens = int(count)
+
+
 def _reduce(stats: _GroupStats, full: bool, eta: float, damping: float, task: str, layer: str):
     """One group's statistics of one task -> its score vectors, freeing the n×n matrix as early as possible.
 
@@ -941,7 +969,7 @@ def _reduce(stats: _GroupStats, full: bool, eta: float, damping: float, task: st
         _check_finite(stats.sq_sum, task, layer)
         return (stats.sq_sum,)
     g = stats.input_sum / stats.tokens
-    hessian, stats.xtx = stats.xtx, None
+    hessian, stats.xtx, stats.input_sum, stats.buffer = stats.xtx, None, None, None  # `del hessian` frees the buffer
     hessian.div_(stats.tokens)  # XᵀX / N, in place
     _check_finite(hessian, task, layer)
     lam = _add_damping_(hessian, damping)

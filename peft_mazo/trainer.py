@@ -8,6 +8,13 @@ the usual per-step mean). The Trainer's own `optimizer.step()` that follows is c
 the stock Trainer: LR schedulers (they set the param groups' `lr`), logging (plus `zo_projected_grad` and
 `zo_skipped_steps`, minus the meaningless `grad_norm`), evaluation, checkpoints (`optimizer.pt` holds the seed stream,
 step and momentum) and `resume_from_checkpoint`.
+
+Data parallel (`torchrun --nproc_per_node N` / `accelerate launch`, NCCL or gloo): the Trainer's distributed sampler
+shards the data, `ZOSGD` all-reduces the (2, T) losses once per step, and every rank applies the same update. The model
+is never wrapped in `DistributedDataParallel` (ZO has no gradients to reduce, and DDP would allocate gradient buckets
+the size of the trainable state): `accelerator.prepare_model` runs in evaluation mode (device placement and autocast
+only). At the first optimizer creation the trainable parameters are broadcast from rank 0 (as DDP would) and the masks
+are checked to be identical on every rank. FSDP, DeepSpeed and single-process multi-GPU `DataParallel` are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from . import distributed as _dist
 from .zo.optimizer import PERTURBATION_MODES, ZOSGD
 from .zo.weighting import TaskWeighting
 
@@ -46,6 +54,13 @@ class MaZOTrainingArguments(TrainingArguments):
         default="auto",
         metadata={"help": "'auto' (perturb MaZO layers inside their forward) or 'eager' (whole trainable state)."},
     )
+    zo_sync_check_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Distributed debug check: every N ZO steps, verify that all ranks hold bit-identical trainable "
+            "state (a checksum all-gather; 0 = never)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +73,10 @@ class MaZOTrainingArguments(TrainingArguments):
                 f"MaZOTrainingArguments.zo_perturbation must be one of {PERTURBATION_MODES}, got "
                 f"{self.zo_perturbation!r}."
             )
+        if self.zo_sync_check_steps < 0:
+            raise ValueError(
+                f"MaZOTrainingArguments.zo_sync_check_steps must be >= 0 (0 = never), got {self.zo_sync_check_steps}."
+            )
 
 
 class MaZOTrainer(Trainer):
@@ -65,7 +84,8 @@ class MaZOTrainer(Trainer):
 
     Use it like `Trainer`, with `MaZOTrainingArguments` (plain `TrainingArguments` work too, with the ZO defaults).
     The model runs in eval mode during ZO forwards (no dropout), so that L⁺ and L⁻ differ only by the perturbation.
-    One device only (no DDP/FSDP/DeepSpeed): the two-point estimate would need an all-reduce of the losses.
+    One device per process; several processes (`torchrun`) train data-parallel without DDP wrapping: each rank runs its
+    shard of the batch and `ZOSGD` all-reduces the loss pair (see the module docstring). No FSDP/DeepSpeed/DataParallel.
 
     Example:
 
@@ -96,13 +116,50 @@ class MaZOTrainer(Trainer):
                 "MaZOTrainer does not support fp16 mixed precision (its gradient scaler needs gradients); use "
                 "bf16=True or full precision."
             )
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
+        if self.args.n_gpu > 1:
             raise ValueError(
-                "MaZOTrainer runs on one device (world_size 1, one GPU): distributed ZO steps would need the losses "
-                "all-reduced. Launch a single process, e.g. CUDA_VISIBLE_DEVICES=0."
+                "MaZOTrainer runs one device per process; this single process sees several GPUs (DataParallel). Launch "
+                "one process per GPU with `torchrun --nproc_per_node N` (data parallel), or set CUDA_VISIBLE_DEVICES=0."
+            )
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "MaZOTrainer does not support FSDP or DeepSpeed (they shard gradients and optimizer state that ZO does "
+                "not have); launch plain data parallel with torchrun, or one process with device_map='auto'."
+            )
+        if self.args.world_size > 1 and not _dist.is_distributed():
+            raise ValueError(
+                f"world_size is {self.args.world_size} but no torch.distributed process group is initialised; launch "
+                "with torchrun or accelerate launch."
             )
         self.zo_weighting = weighting
         self._zo_pending: list[tuple[dict[str, Any], Any]] = []
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # distributed: no DDP
+    # ----------------------------------------------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, with `prepare_model` always in evaluation mode: device placement and autocast, but no
+        `DistributedDataParallel` wrapping (ZO needs no gradient reduction; `ZOSGD` all-reduces the losses)."""
+        super().create_accelerator_and_postprocess()
+        accelerator = self.accelerator
+        prepare_model = accelerator.prepare_model
+        if getattr(prepare_model, "_mazo_no_ddp", False):
+            return
+
+        def prepare_model_without_ddp(model: nn.Module, device_placement: Optional[bool] = None, **kwargs: Any):
+            kwargs["evaluation_mode"] = True
+            return prepare_model(model, device_placement=device_placement, **kwargs)
+
+        prepare_model_without_ddp._mazo_no_ddp = True  # type: ignore[attr-defined]
+        accelerator.prepare_model = prepare_model_without_ddp
+
+    def _synchronize_ranks(self, model: nn.Module) -> None:
+        """Data parallel: rank 0's trainable parameters on every rank (as DDP does), and the masks checked equal."""
+        if not _dist.is_distributed():
+            return
+        _dist.broadcast_tensors_([p for p in model.parameters() if p.requires_grad], src=0)
+        masks = {name: b for name, b in model.named_buffers() if "mazo_columns" in name or "mazo_bits" in name}
+        _dist.check_in_sync(masks, step=0, what="MaZO masks (run compute_importance on every rank, distributed)")
 
     # ----------------------------------------------------------------------------------------------------------------
     # optimizer
@@ -117,6 +174,7 @@ class MaZOTrainer(Trainer):
                 {"params": [p for name, p in named if name in decay], "weight_decay": self.args.weight_decay},
                 {"params": [p for name, p in named if name not in decay], "weight_decay": 0.0},
             ]
+            self._synchronize_ranks(opt_model)
             args = self.args
             zo_seed = getattr(args, "zo_seed", None)
             self.optimizer = ZOSGD(
@@ -164,6 +222,9 @@ class MaZOTrainer(Trainer):
         closures = [partial(self._zo_loss, model, batch, count, len(pending)) for batch, count in pending]
         loss = type(optimizer).step(optimizer, closures)  # the real step, whatever is patched on the instance
         self._consume_next_optimizer_step(optimizer)
+        every = getattr(self.args, "zo_sync_check_steps", 0)
+        if every and optimizer.distributed:
+            _dist.check_in_sync(optimizer, every=every)  # debug: raises DistributedSyncError if a rank diverged
         return loss.detach().to(self.args.device)
 
     def _zo_loss(

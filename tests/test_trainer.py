@@ -20,16 +20,6 @@ transformers.logging.set_verbosity_error()
 MAX_STEPS, SAVE_STEPS, ACCUMULATION, LR = 6, 3, 2, 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one intra-op thread, and it avoids oversubscribing the CPU under pytest-xdist
-    (OpenMP threads of two workers spinning on two cores made these tests ~50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class TokenDataset(torch.utils.data.Dataset):
     """Random token sequences; `pad_from` masks the labels of each row after a random length (varying token counts)."""
 

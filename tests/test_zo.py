@@ -17,16 +17,6 @@ from peft_mazo import ZOSGD, EqualWeighting, MaZOConfig, MaZOLayer, StaticWeight
 from peft_mazo.quantized import quantization_kind
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one intra-op thread, and it avoids oversubscribing the CPU under pytest-xdist
-    (OpenMP threads of two workers spinning on two cores made these tests ~50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------------

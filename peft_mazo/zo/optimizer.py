@@ -21,6 +21,11 @@ Randomness. z comes from a dedicated `torch.Generator` per device, reseeded for 
 `(seed, step, tensor index)`; z is never stored, but regenerated for the + pass, the - pass and the update (MeZO's
 trick). The global RNG (`torch.get_rng_state()`, CUDA's) is never used, and resuming from `state_dict()` regenerates
 the same z for the same step.
+
+Data parallel (`torch.distributed`, see docs/distributed.md). Every rank draws the same z (same seed stream, checked at
+construction), evaluates the closures on its own shard of the batch, and the stacked (2, T) loss pair is averaged over
+the ranks with ONE all-reduce per step, right where L⁺ and L⁻ are known; every rank then computes the same ĝ and applies
+the identical update (and agrees on skipping a non-finite step). No gradient or parameter crosses the wire.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from ..layer import MaZOLayer
 from .weighting import EqualWeighting, TaskWeighting
 
@@ -78,6 +84,7 @@ class ZOStepResult:
         weights (`torch.Tensor` or `None`): (T,) task weights used (None when skipped).
         projected_grad (`float`): the combined `ĝ = Σ_t w_t ĝ_t` (NaN when skipped).
         skipped (`bool`): True when a loss was not finite and the parameters were left as they were.
+        comm_bytes (`int`): payload bytes all-reduced by this step (`2 · T` float64 values when distributed, else 0).
     """
 
     step: int
@@ -88,6 +95,7 @@ class ZOStepResult:
     weights: Optional[torch.Tensor]
     projected_grad: float
     skipped: bool
+    comm_bytes: int = 0
 
 
 def _is_number(value: Any) -> bool:
@@ -181,11 +189,18 @@ class ZOSGD(torch.optim.Optimizer):
         perturbation (`str`): "auto" (default): MaZO layers' tensors are perturbed inside their own forward, one layer
             at a time; other trainable tensors for the whole pass. "eager": every tensor for the whole pass (one
             extra copy of the trainable state; use it if a MaZO layer's tensors are read outside its forward).
+        distributed (`bool`, *optional*): data-parallel mode: the (2, T) losses of every step are averaged over the
+            ranks of the default process group with one all-reduce (each rank's closures should see an equal-size
+            shard of the batch, so that the mean over ranks is the full-batch loss). None (default): on when a process
+            group with more than one rank is initialised. The constructor checks (a collective) that every rank has
+            the same seed, eps and trainable shapes, and raises `DistributedSyncError` otherwise.
 
     Attributes:
         last_step (`ZOStepResult` or `None`): what the last step measured (losses, per-task projected gradients).
         state["zo"] (`dict`): `seed`, `step` (position in the seed stream), `eps`, `skipped_steps`,
             `consecutive_skips` and the weighting's state; saved by `state_dict()`.
+        distributed (`bool`): whether steps all-reduce the losses.
+        comm_bytes (`int`): payload bytes all-reduced by all steps so far (`last_step.comm_bytes` per step).
     """
 
     def __init__(
@@ -201,6 +216,7 @@ class ZOSGD(torch.optim.Optimizer):
         weighting: Optional[TaskWeighting] = None,
         max_consecutive_skips: Optional[int] = None,
         perturbation: Literal["auto", "eager"] = "auto",
+        distributed: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -262,6 +278,18 @@ class ZOSGD(torch.optim.Optimizer):
             "weighting": {},
         }
         self._plan()
+        self.comm_bytes = 0
+        self.distributed = _dist.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed:
+            if not _dist.is_distributed():
+                raise ValueError(
+                    "ZOSGD(distributed=True) needs an initialised torch.distributed process group with more than one "
+                    "rank; call peft_mazo.distributed.init_from_env() under torchrun, or pass distributed=False."
+                )
+            shapes = [tuple(p.shape) for p in self._params()]
+            _dist.assert_same_on_all_ranks(
+                (int(seed), float(eps), shapes), "ZOSGD's seed stream and trainable state (seed, eps, shapes)"
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # parameters and the perturbation plan
@@ -280,6 +308,12 @@ class ZOSGD(torch.optim.Optimizer):
                 raise ValueError(
                     f"ZOSGD was given a tensor of shape {tuple(p.shape)} with requires_grad=False: frozen weights are "
                     "never perturbed or written. Pass only trainable parameters (the default selects them)."
+                )
+            if p.device.type == "meta":
+                raise ValueError(
+                    f"ZOSGD was given a tensor of shape {tuple(p.shape)} on the meta device (an offloaded module?): "
+                    "trainable tensors must live on a real device. With device_map='auto', give the model enough GPU "
+                    "memory (max_memory) that no adapted layer is offloaded to 'cpu' or 'disk'."
                 )
             if id(p) not in self._model_param_ids:
                 raise ValueError(
@@ -438,12 +472,18 @@ class ZOSGD(torch.optim.Optimizer):
         if losses_plus.numel() != losses_minus.numel():
             raise ValueError("The closure returned a different number of task losses in the + and - passes.")
         device = losses_plus.device
-        both = torch.stack([losses_plus, losses_minus.to(device)]).cpu()  # the step's one host sync
+        both = torch.stack([losses_plus, losses_minus.to(device)])
+        comm_bytes = 0
+        if self.distributed:  # the step's one collective: the mean of (L+, L-) over the ranks' shards
+            _dist.all_reduce_mean_(both)
+            comm_bytes = both.numel() * both.element_size()
+            self.comm_bytes += comm_bytes
+        both = both.cpu()  # the step's one host sync
         losses_plus, losses_minus = both[0], both[1]
         projected_grads = (losses_plus - losses_minus) / (2.0 * eps)
 
         if not bool(torch.isfinite(both).all()):
-            return self._skip(step, losses_plus, losses_minus, projected_grads, device)
+            return self._skip(step, losses_plus, losses_minus, projected_grads, device, comm_bytes)
 
         weights = self._task_weights(step, losses_plus, losses_minus)
         projected_grad = float((weights * projected_grads).sum())
@@ -455,7 +495,7 @@ class ZOSGD(torch.optim.Optimizer):
         zo["consecutive_skips"] = 0
         loss = float((weights * (losses_plus + losses_minus) / 2.0).sum())
         self.last_step = ZOStepResult(
-            step, loss, losses_plus, losses_minus, projected_grads, weights, projected_grad, skipped=False
+            step, loss, losses_plus, losses_minus, projected_grads, weights, projected_grad, False, comm_bytes
         )
         return torch.tensor(loss, dtype=torch.float32, device=device)
 
@@ -477,6 +517,7 @@ class ZOSGD(torch.optim.Optimizer):
         losses_minus: torch.Tensor,
         projected_grads: torch.Tensor,
         device: torch.device,
+        comm_bytes: int = 0,
     ) -> torch.Tensor:
         """A loss was not finite: leave θ as it was (it was never written), count, warn once, maybe raise."""
         zo = self.state["zo"]
@@ -485,7 +526,7 @@ class ZOSGD(torch.optim.Optimizer):
         zo["consecutive_skips"] += 1
         loss = float(((losses_plus + losses_minus) / 2.0).mean())
         self.last_step = ZOStepResult(
-            step, loss, losses_plus, losses_minus, projected_grads, None, float("nan"), skipped=True
+            step, loss, losses_plus, losses_minus, projected_grads, None, float("nan"), True, comm_bytes
         )
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
