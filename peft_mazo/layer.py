@@ -23,6 +23,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from . import kernels
 from . import mask as mask_ops
 from .config import MaZOConfig
 from .quantized import dense_weight, quantization_kind, replace_quantized_weight
@@ -176,24 +177,32 @@ class MaZOLayer(BaseTunerLayer):
                 return values
             delta = torch.zeros(self.out_features, self.in_features, dtype=values.dtype, device=values.device)
             return delta.scatter(1, self.mazo_columns[adapter_name].long(), values)
-        lora_b, lora_a = self.mazo_B[adapter_name], self.mazo_A[adapter_name]
-        delta = (lora_b @ lora_a) * self.mazo_scaling[adapter_name]
-        if adapter_name in self.mazo_bits:
-            delta = delta * mask_ops.unpack_bits(self.mazo_bits[adapter_name], self.in_features)
-        return delta
+        bits = self.mazo_bits[adapter_name] if adapter_name in self.mazo_bits else None
+        return kernels.lora_delta_reference(
+            self.mazo_B[adapter_name],
+            self.mazo_A[adapter_name],
+            bits,
+            self.mazo_scaling[adapter_name],
+            self.in_features,
+        )
 
     def _add_delta(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """`weight + ΔW ⊙ M`, summed in the adapter's dtype and rounded once to `weight.dtype`.
 
-        Dense masked mode touches only the k kept entries of each row (gather, add, scatter into a copy).
+        Dense masked mode touches only the k kept entries of each row; LoRA mode forms `B A` tile by tile. On CUDA both
+        run as one Triton kernel that reads `weight` once and writes the result once (`peft_mazo.kernels`, same
+        semantics as its `*_reference` functions, which run on CPU and as the fallback).
         """
         if adapter_name in self.mazo_columns:
-            columns = self.mazo_columns[adapter_name].long()
-            values = self.mazo_values[adapter_name]
-            kept = weight.gather(1, columns).to(values.dtype) + values
-            return weight.scatter(1, columns, kept.to(weight.dtype))
-        delta = self.get_delta_weight(adapter_name)
-        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+            return kernels.compose_dense_weight(
+                weight, self.mazo_columns[adapter_name], self.mazo_values[adapter_name]
+            )
+        if adapter_name in self.mazo_values:  # unmasked dense delta (scorer="none"): (out, in) values
+            return kernels.compose_full_weight_reference(weight, self.mazo_values[adapter_name])
+        bits = self.mazo_bits[adapter_name] if adapter_name in self.mazo_bits else None
+        return kernels.compose_lora_weight(
+            weight, self.mazo_B[adapter_name], self.mazo_A[adapter_name], bits, self.mazo_scaling[adapter_name]
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # peft plumbing
