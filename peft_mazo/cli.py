@@ -5,6 +5,10 @@
     mazo eval --model smollm2-135m --adapter runs/demo/adapter --tasks sst2,boolq,copa --data-dir ../shared/data \\
         --out runs/demo-eval
     mazo methods            # list the methods
+
+Exit codes: 0 success, 2 bad input (nothing was done; the message names the problem and the fix), 1 a run that
+stopped after it started (a checkpoint that could not be written, only non-finite losses; the last complete
+checkpoint is intact and `--resume` continues from it).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from .methods import METHODS
-from .runner import RunConfig, RunError, evaluate_adapter, run
+from .runner import RunConfig, RunError, RunFailed, evaluate_adapter, run
 
 
 def _tasks(value: str) -> list[str]:
@@ -61,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--calib-batch-size", type=int, default=8)
     train.add_argument("--no-eval-before", action="store_true", help="skip the zero-shot evaluation")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps with a non-finite (NaN/inf) loss; 0 = never stop",
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate a base model, or a saved adapter, on the test split")
     _add_common(evaluate)
@@ -107,6 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunError as error:
         print(f"mazo: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"mazo: run failed: {error}", file=sys.stderr)
+        return 1
     _print_table(results)
     print(f"\nresults: {args.out}/results.json")
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from peft.config import PeftConfig
@@ -106,8 +108,15 @@ class MaZOConfig(PeftConfig):
             self.lora_alpha = float(self.r) if self.r > 0 else None
         elif self.r == 0:
             raise ValueError("MaZOConfig.lora_alpha is set but r = 0 (dense mode has no LoRA scale); set r > 0.")
-        elif not self.lora_alpha > 0:
-            raise ValueError(f"MaZOConfig.lora_alpha must be > 0, got {self.lora_alpha}.")
+        elif (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha))
+        ):
+            raise ValueError(
+                f"MaZOConfig.lora_alpha must be > 0 and finite (the LoRA scale is lora_alpha / r), got "
+                f"{self.lora_alpha!r}; leave it unset for lora_alpha = r."
+            )
         if self.scorer not in SCORERS:
             raise ValueError(f"MaZOConfig.scorer must be one of {SCORERS}, got {self.scorer!r}.")
         if self.delta_dtype not in DELTA_DTYPES:
@@ -117,14 +126,47 @@ class MaZOConfig(PeftConfig):
             )
         for name in ("alpha", "beta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"MaZOConfig.{name} must be a number >= 0, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+                raise ValueError(
+                    f"MaZOConfig.{name} must be a number >= 0 (finite), got {value!r}. Paper: alpha = 10, beta = 1."
+                )
+        if isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int):
+            raise ValueError(
+                f"MaZOConfig.mask_seed must be an integer (the seed of scorer='random'), got {self.mask_seed!r}."
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"MaZOConfig.init_weights must be True or False, got {self.init_weights!r}.")
+        targets = self.target_modules
+        if targets is not None and not (
+            isinstance(targets, str)
+            or (isinstance(targets, (set, list, tuple)) and all(isinstance(t, str) for t in targets))
+        ):
+            raise ValueError(
+                f"MaZOConfig.target_modules must be a regex string, a list of module names, or 'all-linear', got "
+                f"{targets!r}. Example: target_modules=['q_proj', 'v_proj']."
+            )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("MaZOConfig.layers_pattern only applies with layers_to_transform; set both or neither.")
         if self.scorer == "none" and self.sparsity > 0:
             warnings.warn(
                 f"MaZOConfig(scorer='none') trains every entry: sparsity={self.sparsity} is ignored.", stacklevel=3
             )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
+    ) -> MaZOConfig:
+        """Load a saved `adapter_config.json` (validated like a new config) and remember a local source directory.
+
+        The directory lets `MaZOModel` check the saved weights against the base model before any layer is replaced,
+        so that loading an adapter onto the wrong base model fails with a clear message and leaves the model as it
+        was.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(path):
+            config._mazo_source_dir = str(path)  # not a dataclass field: never saved
+        return config
 
     @property
     def torch_delta_dtype(self) -> torch.dtype:

@@ -26,7 +26,7 @@ from torch import nn
 from . import kernels
 from . import mask as mask_ops
 from .config import MaZOConfig
-from .quantized import dense_weight, quantization_kind, replace_quantized_weight
+from .quantized import dense_weight, keep_standard_4bit_layout, quantization_kind, replace_quantized_weight
 
 
 class MaZOLayer(BaseTunerLayer):
@@ -50,6 +50,7 @@ class MaZOLayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.in_features = base.in_features
         self.out_features = base.out_features
+        keep_standard_4bit_layout(base)
         self._register_load_state_dict_pre_hook(self._check_loaded_adapter, with_module=False)
 
     # ----------------------------------------------------------------------------------------------------------------

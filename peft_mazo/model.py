@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -37,15 +40,21 @@ class MaZOModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: MaZOConfig, model: nn.Module) -> None:
-        """Check every targeted module before any is replaced, so a bad config leaves the model untouched."""
+        """Check every targeted module (and, when loading, the saved weights) before any is replaced, so that a bad
+        config or an adapter saved for another base model leaves the model untouched."""
+        _check_saved_adapter(peft_config, model)
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             return
         adapted = [key + "." for key, module in model.named_modules() if isinstance(module, MaZOLayer)]
+        matched_any = False
         for key, module in model.named_modules():
-            if not key or isinstance(module, MaZOLayer) or key.startswith(tuple(adapted)):
+            if not key or key.startswith(tuple(adapted)):
                 continue
             matched = self._check_target_module_exists(peft_config, key)
             if not matched or isinstance(matched, _ExcludedModule):
+                continue
+            matched_any = True
+            if isinstance(module, MaZOLayer):
                 continue
             if isinstance(module, Conv1D):
                 raise ValueError(
@@ -59,6 +68,17 @@ class MaZOModel(BaseTuner):
                     "only linear layers (torch.nn.Linear, bitsandbytes Linear4bit / Linear8bitLt). Narrow "
                     "target_modules to linear layers, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
                 )
+        if not matched_any and not getattr(peft_config, "_mazo_source_dir", None):
+            from peft.utils.error import NoMatchingPeftModuleError
+
+            names = sorted(
+                {key.rsplit(".", 1)[-1] for key, module in model.named_modules() if isinstance(module, nn.Linear)}
+            )
+            raise NoMatchingPeftModuleError(
+                f"Target modules {peft_config.target_modules!r} (MaZOConfig.target_modules) match no module of "
+                f"{type(model).__name__}. Its linear layers are named {names[:12]}; use some of these names, or "
+                "target_modules='all-linear'."
+            )
 
     def _create_and_replace(
         self,
@@ -123,12 +143,23 @@ class MaZOModel(BaseTuner):
         `reset=True`, which zeroes the delta) adapters whose delta is already non-zero.
         """
         adapter_name = self._resolve_adapter(adapter_name)
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"set_masks takes a dict {{module name: (out, in) bool mask}}, got {type(masks).__name__}. Start from "
+                "model.get_masks(), which returns that dict."
+            )
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(
+                    f"mask of '{name}' must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}; convert "
+                    "it with torch.as_tensor(mask, dtype=torch.bool)."
+                )
         layers = self._mazo_layers()
         unknown = sorted(set(masks) - {n for n, layer in layers.items() if adapter_name in layer.mazo_k})
         if unknown:
             raise ValueError(
-                f"set_masks got modules without a MaZO adapter '{adapter_name}': {unknown[:5]}. Use the names "
-                "returned by get_masks()."
+                f"set_masks got modules without a MaZO adapter '{adapter_name}': {[str(n) for n in unknown[:5]]}. Use "
+                "the names returned by get_masks()."
             )
         from .mask import check_row_counts, dense_to_indices
 
@@ -142,7 +173,15 @@ class MaZOModel(BaseTuner):
                 )
             expected = (layer.out_features, layer.in_features)
             if tuple(mask.shape) != expected:
-                raise ValueError(f"mask of '{name}' must have shape {expected}, got {tuple(mask.shape)}.")
+                raise ValueError(
+                    f"mask of '{name}' must have shape {expected} (the weight's (out, in)), got {tuple(mask.shape)}. "
+                    "Start from model.get_masks()[name], which has the right shape."
+                )
+            if mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask of '{name}' must be a bool tensor, got dtype {mask.dtype}; convert it with mask.bool() "
+                    "(exactly k True entries per row)."
+                )
             check_row_counts(mask, layer.mazo_k[adapter_name], name=f"mask of '{name}'")
             if not reset and layer.delta_is_nonzero(adapter_name):
                 raise ValueError(
@@ -189,3 +228,109 @@ class MaZOModel(BaseTuner):
             damping=damping,
             max_stats_bytes=max_stats_bytes,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading: the saved weights against the base model, before anything is replaced
+# ----------------------------------------------------------------------------------------------------------------------
+_SAVED_PREFIX = "base_model.model."
+
+
+def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
+    """Raise `ValueError` when the adapter being loaded (`config._mazo_source_dir`, set by
+    `MaZOConfig.from_pretrained`) does not fit `model` or its own `adapter_config.json`.
+
+    Checked from the safetensors file before any layer is replaced: module names (another architecture), weight shapes
+    (a model of other sizes), the rank and the kept entries per row against the config (an edited config), and the
+    mask's k-entries-per-row invariant (an edited mask). Only tensor headers are read, plus the masks one at a time.
+    """
+    source = getattr(config, "_mazo_source_dir", None)
+    path = Path(source) / "adapter_model.safetensors" if source else None
+    if path is None or not path.is_file():
+        return
+    from safetensors import safe_open
+
+    from . import mask as mask_ops
+
+    where = f"The MaZO adapter in {source}"
+    fix_base = "Load it onto the base model it was trained on"
+    if config.base_model_name_or_path:
+        fix_base += f" ({config.base_model_name_or_path})"
+    fix_config = "Use the adapter_config.json saved with these weights (or save the adapter again)."
+    modules = dict(model.named_modules())
+    with safe_open(str(path), framework="pt") as handle:
+        saved: dict[str, dict[str, str]] = {}
+        for key in handle.keys():
+            name, _, kind = key.rpartition(".")
+            if kind.startswith("mazo_"):
+                saved.setdefault(name.removeprefix(_SAVED_PREFIX), {})[kind] = key
+        missing = sorted(name for name in saved if name not in modules)
+        if missing:
+            raise ValueError(
+                f"{where} has weights for {len(missing)} module(s) that this {type(model).__name__} does not have "
+                f"(e.g. '{missing[0]}'): it was saved for a model of another architecture or depth. {fix_base}."
+            )
+        for name in [n for n in modules if n in saved]:  # in the model's order
+            kinds = saved[name]
+            module = modules[name]
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, nn.Linear):
+                raise ValueError(
+                    f"{where} adapts '{name}' as a linear layer, but this model's '{name}' is a "
+                    f"{type(base).__name__}: the adapter was saved for another architecture. {fix_base}."
+                )
+            out_features, in_features = base.out_features, base.in_features
+            if "mazo_shape" in kinds:
+                shape = tuple(int(v) for v in handle.get_tensor(kinds["mazo_shape"]).tolist())
+                if shape != (out_features, in_features):
+                    raise ValueError(
+                        f"{where}: '{name}' was saved for a weight of shape (out, in) = {shape}, but this base "
+                        f"model's layer has shape {(out_features, in_features)}: a model of other sizes. {fix_base}."
+                    )
+            masked = config.scorer != "none"
+            k = mask_ops.kept_per_row(in_features, config.sparsity) if masked else in_features
+            shapes = {kind: tuple(handle.get_slice(key).get_shape()) for kind, key in kinds.items()}
+            if config.r == 0 and ("mazo_A" in shapes or "mazo_B" in shapes):
+                raise ValueError(
+                    f"{where} holds LoRA weights (mazo_A, mazo_B) for '{name}', but its adapter_config.json says "
+                    f"r = 0 (dense). {fix_config}"
+                )
+            if config.r > 0 and "mazo_values" in shapes:
+                raise ValueError(
+                    f"{where} holds a dense delta (mazo_values) for '{name}', but its adapter_config.json says "
+                    f"r = {config.r} (LoRA). {fix_config}"
+                )
+            if "mazo_A" in shapes and shapes["mazo_A"] != (config.r, in_features):
+                raise ValueError(
+                    f"{where} was saved with LoRA rank r = {shapes['mazo_A'][0]} ('{name}'.mazo_A has shape "
+                    f"{shapes['mazo_A']}), but its adapter_config.json says r = {config.r}. {fix_config}"
+                )
+            if "mazo_B" in shapes and shapes["mazo_B"] != (out_features, config.r):
+                raise ValueError(
+                    f"{where} was saved with '{name}'.mazo_B of shape {shapes['mazo_B']}, but r = {config.r} and the "
+                    f"layer's out_features = {out_features} need {(out_features, config.r)}. {fix_config}"
+                )
+            for kind in ("mazo_values", "mazo_columns"):
+                if kind in shapes and shapes[kind] != (out_features, k):
+                    raise ValueError(
+                        f"{where} was saved with {shapes[kind][-1]} kept entries per row in '{name}', but its "
+                        f"adapter_config.json (sparsity = {config.sparsity}, scorer = '{config.scorer}') gives "
+                        f"k = {k}. {fix_config}"
+                    )
+            if "mazo_bits" in shapes and shapes["mazo_bits"] != (out_features, math.ceil(in_features / 8)):
+                raise ValueError(
+                    f"{where} holds a packed mask of shape {shapes['mazo_bits']} for '{name}', but the layer's shape "
+                    f"{(out_features, in_features)} needs {(out_features, math.ceil(in_features / 8))}. {fix_base}."
+                )
+            mask_name = f"mask of '{name}' in {path}"
+            try:
+                if "mazo_columns" in kinds:
+                    mask_ops.check_columns(handle.get_tensor(kinds["mazo_columns"]), in_features, name=mask_name)
+                if "mazo_bits" in kinds:
+                    bits = handle.get_tensor(kinds["mazo_bits"])
+                    mask_ops.check_row_counts(mask_ops.unpack_bits(bits, in_features), k, name=mask_name)
+            except ValueError as error:
+                raise ValueError(
+                    f"{error} The mask file was edited or damaged: restore the adapter from its original save, or "
+                    "recompute the mask (compute_importance) and save it again."
+                ) from None

@@ -53,6 +53,10 @@ def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
     package_dir = smollm2_package_dir()
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are plain float tensors now: drop the GGUF quantization_config so the copy loads as an ordinary
+    # model (with it, transformers refuses a BitsAndBytesConfig and the Trainer refuses to train).
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:

@@ -28,24 +28,43 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     kind = quantization_kind(base_layer)
     weight = base_layer.weight
     if kind == "4bit":
-        _restore_standard_4bit_layout(weight)
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            warnings.warn(
+                "This 4-bit layer ran a CPU inference forward before MaZO wrapped it, and bitsandbytes repacked its "
+                "weight; reading the weight through the layer's forward (bf16-rounded). Wrap the model before running "
+                "it on the CPU to avoid this.",
+                stacklevel=3,
+            )
+            return _weight_through_forward(base_layer)
         return dequantize_bnb_weight(weight, state=weight.quant_state)
     if kind == "8bit":
         return dequantize_bnb_weight(weight, state=base_layer.state)
     return weight.detach()
 
 
-def _restore_standard_4bit_layout(weight: torch.nn.Parameter) -> None:
-    """Undo bitsandbytes' CPU repacking of a 4-bit weight, so that `dequantize_4bit` reads it correctly.
+def keep_standard_4bit_layout(base_layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking this 4-bit layer's weight for its AVX-512 BF16 CPU kernel.
 
-    On CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit weight into a kernel-specific layout on the first
-    inference forward. It undoes this itself before saving or moving the weight (same call as here); the next
-    forward repacks it.
+    bitsandbytes (0.50) repacks a `Linear4bit` weight into a kernel-specific layout at its first CPU inference forward,
+    and its inverse does not restore the block scales exactly, so the dequantized weight (the mask's |W|, merges) would
+    be wrong and the layer corrupted afterwards. A MaZO layer keeps the standard layout; it only costs that CPU kernel.
     """
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    if getattr(base_layer, "support_avx512bf16_for_cpu", False):
+        base_layer.support_avx512bf16_for_cpu = False
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+def _weight_through_forward(base_layer: nn.Module) -> torch.Tensor:
+    """(out, in) weight of a layer whose packed format cannot be dequantized directly: `base(I) - bias`, transposed.
+
+    Rounded like the layer's own forward (bf16 in bitsandbytes' CPU kernel); used only for a weight that was repacked
+    before MaZO wrapped the layer.
+    """
+    eye = torch.eye(base_layer.in_features, dtype=torch.float32, device=base_layer.weight.device)
+    with torch.no_grad():
+        out = base_layer(eye).float()
+    if getattr(base_layer, "bias", None) is not None:
+        out = out - base_layer.bias.float()
+    return out.T.contiguous()
 
 
 def replace_quantized_weight(base_layer: nn.Module, new_weight: torch.Tensor) -> None:

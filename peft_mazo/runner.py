@@ -3,14 +3,21 @@
 Outputs in the run directory:
 
 - `losses.jsonl`: one JSON line per step: step, loss, per-task losses and projected gradients, lr, seconds;
-- `checkpoint-<step>/` (adapter + `state.pt` with optimizer, sampler and log position) every `save_every` steps,
-  written under a temporary name, fsynced and renamed, with `latest` naming the newest complete one;
+- `checkpoint-<step>/` (adapter + `state.pt` with optimizer, sampler and log position + `run_config.json`) every
+  `save_every` steps, written under a temporary name, fsynced (files and directory) and renamed, with `latest` naming
+  the newest complete one;
 - `results.json`: each task's metric before (zero-shot) and after training, and the averages;
 - `loss_curves.png`: the per-task training-loss curves.
+
+Failure modes, all with a message that names the problem and the fix: bad input raises `RunError` before any model
+is loaded or any file written (including too little free disk space for the checkpoints and an unwritable output
+directory); a failure during training (a checkpoint that cannot be written, only non-finite losses for
+`max_skipped_steps` steps in a row) raises `RunFailed` and leaves the last complete checkpoint intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -29,11 +36,34 @@ import torch
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_CONFIG_NAME = "run_config.json"
+FREE_SPACE_MARGIN = 32 * 2**20
+# Settings a resumed run must share with its checkpoint (anything else would silently train another model).
+RESUME_FIELDS = (
+    "tasks",
+    "method",
+    "seed",
+    "lr",
+    "eps",
+    "batch_size",
+    "sparsity",
+    "r",
+    "n_train",
+    "n_val",
+    "max_length",
+    "calib_batches",
+    "calib_batch_size",
+    "coba_every",
+)
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
 class RunConfig:
-    """Everything one run needs; `mazo train` fills it from the command line."""
+    """Everything one run needs; `mazo train` fills it from the command line.
+
+    `max_skipped_steps`: stop with `RunFailed` after this many consecutive steps with a non-finite loss (0: never).
+    """
 
     model: str
     tasks: list[str]
@@ -61,18 +91,40 @@ class RunConfig:
     resume: bool = False
     evaluate_before: bool = True
     coba_every: int = 4
+    max_skipped_steps: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RunError(ValueError):
-    """A run cannot start: the message names the problem and the fix."""
+    """A run cannot start: the message names the problem and the fix. Raised before any work."""
+
+
+class RunFailed(RuntimeError):
+    """A run stopped after it started (a checkpoint could not be written, only non-finite losses, ...).
+
+    The message names the problem, the fix and the last complete checkpoint, which is left intact.
+    """
+
+
+class CheckpointError(RunFailed):
+    """Writing a checkpoint (or the final adapter) failed with an `OSError`; the previous checkpoint is intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # checks before any work
 # ----------------------------------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(config: RunConfig) -> None:
-    """Raise `RunError` for bad input, before any model or data is loaded."""
+    """Raise `RunError` for bad input, before any model weights or data are loaded and before anything is written.
+
+    Checks the method, tasks, numbers, adapter settings (`--sparsity`, `--r`), dtype and device, the data files, the
+    model directory, that `--out` is writable (without creating it), that `--resume` finds a checkpoint made with the
+    same settings, and that the disk has room for the checkpoints (an estimate from the model's config).
+    """
+    from .config import MaZOConfig
     from .methods import get_method
     from .tasks import canonical_task_name
     from .tasks.data import check_data_files
@@ -85,46 +137,282 @@ def validate(config: RunConfig) -> None:
     if not config.tasks:
         raise RunError("No tasks given: pass --tasks, e.g. --tasks sst2,boolq,copa.")
     if len(set(config.tasks)) != len(config.tasks):
-        raise RunError(f"--tasks names a task twice: {config.tasks}.")
+        raise RunError(f"--tasks names a task twice: {config.tasks}. Give every task once.")
     if method.trains:
-        if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
-            raise RunError(f"--steps must be a positive integer for method '{method.name}', got {config.steps}.")
-        if config.save_every < 1:
-            raise RunError(f"--save-every must be >= 1, got {config.save_every}.")
-    for name in ("batch_size", "eval_batch_size", "calib_batches", "calib_batch_size", "max_length"):
+        if not _is_int(config.steps) or config.steps < 1:
+            raise RunError(
+                f"--steps must be a positive integer for method '{method.name}', got {config.steps}; e.g. --steps "
+                "1000 (use --method zero-shot to only evaluate)."
+            )
+        if not _is_int(config.save_every) or config.save_every < 1:
+            raise RunError(
+                f"--save-every must be a positive integer, got {config.save_every!r}; e.g. --save-every 100."
+            )
+        if config.n_train is not None and (not _is_int(config.n_train) or config.n_train < 1):
+            raise RunError(
+                f"--n-train must be a positive integer or 'all' for method '{method.name}', got {config.n_train!r}."
+            )
+    for name in ("batch_size", "eval_batch_size", "calib_batches", "calib_batch_size", "max_length", "coba_every"):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             raise RunError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+    for name in ("n_val", "n_train", "n_test"):
+        value = getattr(config, name)
+        if not (value is None and name != "n_val") and (not _is_int(value) or value < 0):
+            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}.")
+    if not _is_int(config.seed):
+        raise RunError(f"--seed must be an integer, got {config.seed!r}.")
+    if not _is_int(config.max_skipped_steps) or config.max_skipped_steps < 0:
+        raise RunError(
+            f"--max-skipped-steps must be an integer >= 0 (0 = never stop on non-finite losses), got "
+            f"{config.max_skipped_steps!r}."
+        )
     if config.lr is not None and not (config.lr >= 0 and math.isfinite(config.lr)):
-        raise RunError(f"--lr must be a finite number >= 0, got {config.lr}.")
+        raise RunError(f"--lr must be a finite number >= 0, got {config.lr}; e.g. --lr 3e-4 for LoRA, 1e-6 dense.")
     if not (config.eps > 0 and math.isfinite(config.eps)):
-        raise RunError(f"--eps must be a finite number > 0, got {config.eps}.")
+        raise RunError(f"--eps must be a finite number > 0, got {config.eps}; the paper uses --eps 1e-3.")
+    if config.sparsity is not None and (
+        isinstance(config.sparsity, bool)
+        or not isinstance(config.sparsity, (int, float))
+        or not 0.0 <= config.sparsity < 1.0
+    ):
+        raise RunError(
+            f"--sparsity must be in [0, 1) (the fraction of each weight row that stays frozen), got {config.sparsity}; "
+            "e.g. --sparsity 0.9 for a dense delta or 0.8 with LoRA."
+        )
+    if config.r is not None and (not _is_int(config.r) or config.r < 0):
+        raise RunError(f"--r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {config.r!r}.")
+    if method.trains:
+        try:
+            MaZOConfig(**method.adapter_config(sparsity=config.sparsity, r=config.r))
+        except ValueError as error:
+            raise RunError(f"method '{method.name}' with --sparsity/--r: {error}") from None
+    if config.dtype not in DTYPES:
+        raise RunError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}.")
+    try:
+        device = resolve_device(config.device)
+    except RuntimeError as error:
+        raise RunError(
+            f"--device {config.device!r} is not a device ({error}); use auto, cpu, cuda or cuda:1."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {config.device}: CUDA is not available here; use --device cpu (or auto).")
     if config.data_dir is not None:
         try:
             check_data_files(config.tasks, config.data_dir)
         except (ValueError, FileNotFoundError) as error:
             raise RunError(str(error)) from None
-    _check_writable(Path(config.out))
-    if config.resume and latest_checkpoint(Path(config.out)) is None:
-        raise RunError(f"--resume: no complete checkpoint in {config.out}. Drop --resume to start a new run.")
+    _check_model_name(config.model)
+    out = Path(config.out)
+    _check_writable(out)
+    groups = [out / t for t in config.tasks] if method.per_task else [out]
+    if config.resume:
+        checkpoints = [c for c in (latest_checkpoint(g) for g in groups) if c is not None]
+        if not checkpoints:
+            raise RunError(
+                f"--resume: no complete checkpoint in {config.out}. Drop --resume to start a new run, or pass the "
+                "--out of the run to continue."
+            )
+        for checkpoint in checkpoints:
+            _check_resume_settings(config, checkpoint)
+    if method.trains:
+        adapter_bytes = estimate_adapter_bytes(config)
+        if adapter_bytes is not None:
+            check_free_space(out, len(groups) * 2 * adapter_bytes + FREE_SPACE_MARGIN, adapter_bytes)
+
+
+def _check_model_name(model: str) -> None:
+    from .models import SMOLLM2_ALIASES
+
+    if not isinstance(model, str) or not model:
+        raise RunError(f"--model must be a model directory, a hub id or smollm2-135m, got {model!r}.")
+    if model.lower() in SMOLLM2_ALIASES:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RunError(
+                f"--model {model} holds no config.json: pass a directory written by save_pretrained (config.json, "
+                "weights, tokenizer), a hub id, or smollm2-135m (installed offline)."
+            )
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise RunError(
+            f"--model {model}: no such directory. Pass an existing model directory, a hub id such as "
+            "HuggingFaceTB/SmolLM2-135M-Instruct, or smollm2-135m (installed offline)."
+        )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest existing parent; `RunError` when that is not a directory."""
+    path = path.expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise RunError(f"Output directory: {path} is a file, not a directory; choose another --out.")
+    return path
 
 
 def _check_writable(out: Path) -> None:
+    """Check that files can be created in `out` (or, when it does not exist yet, where it will be created)."""
+    target = _existing_ancestor(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".mazo-write-test-"):
             pass
     except OSError as error:
-        raise RunError(f"Output directory {out} is not writable ({error.strerror}); choose another --out.") from None
+        raise RunError(
+            f"Output directory {out} is not writable ({error.strerror or error}); choose another --out or fix the "
+            f"permissions of {target}."
+        ) from None
+
+
+def _human(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
+
+
+def check_free_space(out: Path, needed: int, adapter_bytes: Optional[int] = None) -> None:
+    """Raise `RunError` when the file system of `out` has fewer than `needed` bytes free."""
+    target = _existing_ancestor(out)
+    free = shutil.disk_usage(target).free
+    if free < needed:
+        detail = (
+            f" (adapter {_human(adapter_bytes)}, kept twice while a checkpoint is written)" if adapter_bytes else ""
+        )
+        raise RunError(
+            f"Not enough free disk space for the run's checkpoints in {target}: about {_human(needed)} needed{detail}, "
+            f"{_human(free)} free. Free some space or choose another --out."
+        )
+
+
+def estimate_adapter_bytes(config: RunConfig) -> Optional[int]:
+    """Size of the run's adapter in bytes, from the model's config alone (the model is built on the meta device).
+
+    Raises `RunError` when the model's config cannot be read; returns None when the estimate itself fails.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .config import MaZOConfig
+    from .methods import get_method
+    from .models import resolve_model
+
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    except (OSError, ValueError) as error:
+        raise RunError(
+            f"--model {config.model}: cannot read its config ({error}). Pass a model directory written by "
+            "save_pretrained, a hub id (online, or cached with HF_HUB_OFFLINE=1), or smollm2-135m."
+        ) from None
+    method = get_method(config.method)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+        adapter = MaZOConfig(**method.adapter_config(sparsity=config.sparsity, r=config.r))
+        state = get_peft_model_state_dict(get_peft_model(skeleton, adapter))
+    except Exception as error:  # an estimate only: the run itself reports real problems
+        logger.info("Could not estimate the adapter size (%s); skipping the free-space check.", error)
+        return None
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _check_adapter_fits(config: RunConfig, adapter: str) -> None:
+    """`RunError` when a saved MaZO adapter does not fit `--model` (checked on a meta-device copy: no weights)."""
+    from peft import PeftConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .config import MaZOConfig
+    from .model import _check_saved_adapter
+    from .models import resolve_model
+
+    try:
+        adapter_config = PeftConfig.from_pretrained(adapter)
+        if not isinstance(adapter_config, MaZOConfig):
+            return
+        adapter_config = MaZOConfig.from_pretrained(adapter)
+    except ValueError as error:
+        raise RunError(
+            f"--adapter {adapter}: bad adapter_config.json ({error}). Use the file saved with it."
+        ) from None
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except Exception as error:  # the real load reports it
+        logger.info("Could not check the adapter against the model before loading (%s).", error)
+        return
+    try:
+        _check_saved_adapter(adapter_config, skeleton)
+    except ValueError as error:
+        raise RunError(f"--adapter {adapter} does not fit --model {config.model}: {error}") from None
+
+
+def _resume_settings(config: RunConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in RESUME_FIELDS}
+
+
+def _check_resume_settings(config: RunConfig, checkpoint: Path) -> None:
+    path = checkpoint / RUN_CONFIG_NAME
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(_resume_settings(config)))
+    differ = [name for name in RESUME_FIELDS if name in saved and saved[name] != current[name]]
+    if differ:
+        changes = ", ".join(f"{name}: {saved[name]!r} -> {current[name]!r}" for name in differ)
+        raise RunError(
+            f"--resume: {checkpoint} was made with other settings ({changes}). Resume with the settings of that run "
+            "(only --steps, --save-every, --n-test, the evaluation and output flags may change), or pass another "
+            "--out for a new run."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------------------------------
 def resolve_device(device: str) -> torch.device:
+    """The `torch.device` of `--device`: `auto` is CUDA when it is available, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def dequantized_config(path: str) -> Any:
+    """The model's config without a GGUF `quantization_config`.
+
+    Copies converted from a GGUF file (such as the cached SmolLM2-135M, whose weights are plain float tensors) keep it
+    in their config.json; with it, transformers refuses a `BitsAndBytesConfig` and the Trainer refuses to train.
+    """
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path)
+    quantization = getattr(model_config, "quantization_config", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    if str(method).lower().endswith("gguf"):
+        del model_config.quantization_config
+    return model_config
+
+
+def keep_bnb_cpu_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel; returns the layers changed.
+
+    bitsandbytes (0.50) repacks a `Linear4bit` weight at its first CPU inference forward, and its inverse conversion
+    (used when the dequantized weight is read: the mask's |W|, merging, saving) does not restore the block scales of a
+    non-nested quant state, which corrupts the layer afterwards (SmolLM2-135M's loss goes from 1.9 to 17). Keeping the
+    standard layout avoids both; it only costs the faster CPU kernel. GPUs are not affected.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
@@ -139,13 +427,15 @@ def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, config.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "config": dequantized_config(path)}
     if config.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.load_in_4bit and device.type == "cpu":
+        keep_bnb_cpu_layout(model)
     if not config.load_in_4bit:
         model.to(device)
     model.eval()
@@ -158,47 +448,147 @@ def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 def latest_checkpoint(out: Path) -> Optional[Path]:
     """The newest complete checkpoint named by `out/latest`, or None."""
-    pointer = out / "latest"
-    if not pointer.exists():
+    pointer = Path(out) / "latest"
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
         return None
-    path = out / pointer.read_text().strip()
-    return path if (path / "state.pt").exists() else None
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    path = Path(out) / name
+    return path if (path / "state.pt").is_file() else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in directory `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
+    """fsync every file under `path`, then every directory (deepest first)."""
+    directories = [path]
+    for item in path.rglob("*"):
+        if item.is_dir():
+            directories.append(item)
+        elif item.is_file():
+            with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(directory)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, state: dict[str, Any]) -> Path:
-    """Write `checkpoint-<step>` atomically (temporary name, fsync, rename), point `latest` at it, drop older ones."""
-    final = out / f"{CHECKPOINT_PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out))
     try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _save_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(staging)` on a fresh hidden directory next to `target`, fsync it, and rename it to `target`."""
+    staging: Optional[Path] = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    aside: Optional[Path] = None
+    try:
+        write(staging)
+        _fsync_tree(staging)
+        if target.exists():  # never the checkpoint `latest` names while it is rewritten: move it aside first
+            aside = target.with_name(f".{target.name}-replaced-{os.getpid()}")
+            os.replace(target, aside)
+        os.replace(staging, target)
+        staging = None
+        _fsync_dir(target.parent)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _checkpoint_error(error: OSError, what: str, out: Path) -> CheckpointError:
+    latest = latest_checkpoint(out)
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    reason = f"{error.strerror or error}" + (f" [{code}]" if code else "")
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = "Free disk space (or choose another --out) and rerun with --resume."
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"Make {out} writable and rerun with --resume."
+    else:
+        fix = "Fix the cause and rerun with --resume."
+    kept = f"the last complete checkpoint, {latest}, is intact" if latest else "no checkpoint was completed yet"
+    return CheckpointError(f"Could not write {what} in {out}: {reason}. Nothing was half-written: {kept}. {fix}")
+
+
+def save_checkpoint(
+    out: Path, step: int, model: torch.nn.Module, state: dict[str, Any], run_config: Optional[dict[str, Any]] = None
+) -> Path:
+    """Write `checkpoint-<step>` atomically and point `latest` at it; drop older checkpoints.
+
+    The adapter, `state.pt` (and `run_config.json`) are written into a hidden temporary directory, every file and the
+    directory are fsynced, the directory is renamed to `checkpoint-<step>`, the run directory is fsynced, and `latest`
+    is replaced atomically. A crash at any point leaves `latest` naming a complete checkpoint.
+
+    Raises:
+        CheckpointError: an `OSError` (disk full, permissions) while writing; the previous checkpoint is intact.
+    """
+    out = Path(out)
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         torch.save(state, staging / "state.pt")
-        _fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _write_text_atomically(out / "latest", final.name)
+        if run_config is not None:
+            (staging / RUN_CONFIG_NAME).write_text(json.dumps(run_config, indent=2))
+
+    try:
+        _save_dir_atomically(final, write)
+        _write_text_atomically(out / "latest", final.name)
+    except OSError as error:
+        raise _checkpoint_error(error, f"checkpoint {final.name}", out) from error
     for old in out.glob(f"{CHECKPOINT_PREFIX}*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_files(out: Path) -> list[Path]:
+    """Remove what an interrupted run can leave behind: hidden staging directories and temporary files, and
+    checkpoints other than the one `latest` names (older ones whose removal was interrupted). Returns the paths."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    keep = latest_checkpoint(out)
+    removed = []
+    for path in out.iterdir():
+        stale_hidden = path.name.startswith(".") and (
+            path.name.startswith((f".{CHECKPOINT_PREFIX}", ".adapter-", ".mazo-write-test-"))
+            or path.name.endswith(".tmp")
+        )
+        stale_checkpoint = path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir() and path != keep
+        if stale_hidden or stale_checkpoint:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("Removed %d file(s) left by an interrupted run in %s.", len(removed), out)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,23 +598,31 @@ StepCallback = Callable[[int, dict[str, Any]], None]
 
 
 def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, Any]:
-    """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json."""
+    """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json.
+
+    Raises:
+        RunError: bad input, before any work (nothing is written).
+        RunFailed: the run stopped (a checkpoint could not be written, only non-finite losses); the last complete
+            checkpoint is intact and `--resume` continues from it.
+    """
     from .methods import get_method
+    from .tasks import sample_tasks
 
     validate(config)
     method = get_method(config.method)
     out = Path(config.out)
     started = time.time()
-    from .tasks import sample_tasks
-
-    splits = sample_tasks(
-        config.tasks,
-        data_dir=config.data_dir,
-        n_train=config.n_train,
-        n_val=config.n_val,
-        n_test=config.n_test,
-        seed=config.seed,
-    )
+    try:
+        splits = sample_tasks(
+            config.tasks,
+            data_dir=config.data_dir,
+            n_train=config.n_train,
+            n_val=config.n_val,
+            n_test=config.n_test,
+            seed=config.seed,
+        )
+    except ValueError as error:  # a bad record: the message names the file, the line and the field
+        raise RunError(str(error)) from None
     groups = [[t] for t in config.tasks] if method.per_task else [list(config.tasks)]
     results: dict[str, Any] = {
         "method": method.name,
@@ -235,17 +633,22 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, 
         "sizes": {t: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for t, s in splits.items()},
         "before": {},
         "after": {},
+        "skipped_steps": 0,
     }
     for group in groups:
         group_out = out / group[0] if method.per_task else out
         group_results = _run_group(config, method, group, splits, group_out, on_step)
         results["before"].update(group_results["before"])
         results["after"].update(group_results["after"])
+        results["skipped_steps"] += group_results.get("skipped_steps", 0)
     for key in ("before", "after"):
         scores = [r["score"] for r in results[key].values()]
         results[f"average_{key}"] = sum(scores) / len(scores) if scores else None
     results["wall_seconds"] = time.time() - started
-    _write_text_atomically(out / "results.json", json.dumps(results, indent=2))
+    try:
+        _write_text_atomically(out / "results.json", json.dumps(results, indent=2))
+    except OSError as error:
+        raise _checkpoint_error(error, "results.json", out) from error
     return results
 
 
@@ -261,11 +664,12 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     before = evaluate(model) if (config.evaluate_before or not method.trains) and not config.resume else {}
     if not method.trains:
         return {"before": before, "after": before}
-    model = _train(config, method, tasks, splits, out, model, tokenizer, on_step)
-    return {"before": before, "after": evaluate(model)}
+    model, skipped = _train(config, method, tasks, splits, out, model, tokenizer, on_step)
+    return {"before": before, "after": evaluate(model), "skipped_steps": skipped}
 
 
 def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
+    """The ZO training loop of one group of tasks; returns the trained model and the number of skipped steps."""
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -275,6 +679,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     from .zo import ZOSGD
     from .zo.weighting import make_weighting
 
+    remove_stale_files(out)
     adapter_kwargs = method.adapter_config(sparsity=config.sparsity, r=config.r)
     torch.manual_seed(config.seed)  # LoRA's A is drawn from the global generator: same seed, same adapter
     model = get_peft_model(model, MaZOConfig(**adapter_kwargs))
@@ -296,9 +701,13 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
 
     weighting = make_weighting(method.weighting, num_tasks=len(tasks))
     lr = config.lr if config.lr is not None else method.lr
-    optimizer = ZOSGD(model, lr=lr, eps=config.eps, seed=config.seed, weighting=weighting)
+    max_skips = config.max_skipped_steps or None
+    optimizer = ZOSGD(
+        model, lr=lr, eps=config.eps, seed=config.seed, weighting=weighting, max_consecutive_skips=max_skips
+    )
     sampler = MultiTaskSampler({t: splits[t].train for t in tasks}, batch_size=config.batch_size, seed=config.seed)
     val_batches = _validation_batches(splits, tasks, tokenizer, config) if method.weighting == "coba" else None
+    run_settings = _resume_settings(config)
 
     log_path = out / "losses.jsonl"
     start_step = 0
@@ -319,7 +728,13 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
                 weighting.observe_validation(step, multitask_losses(model, val_batches))
             batches = next(steps)
             started = time.time()
-            loss = optimizer.step(lambda batches=batches: multitask_losses(model, batches))
+            stopped = False
+            try:
+                loss = optimizer.step(lambda batches=batches: multitask_losses(model, batches))
+            except RuntimeError:
+                if max_skips is None or optimizer.state["zo"]["consecutive_skips"] < max_skips:
+                    raise
+                stopped, loss = True, float("nan")
             result = optimizer.last_step
             record = {
                 "step": step + 1,
@@ -331,17 +746,36 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.time() - started,
             }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            except OSError as error:
+                raise _checkpoint_error(error, "losses.jsonl", out) from error
+            if stopped:
+                raise RunFailed(_nonfinite_message(step + 1, max_skips, out))
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "step": step + 1}
-                save_checkpoint(out, step + 1, model, state)
+                save_checkpoint(out, step + 1, model, state, run_config=run_settings)
             if on_step is not None:
                 on_step(step + 1, record)
     plot_losses(log_path, out / "loss_curves.png")
-    model.save_pretrained(out / "adapter")
-    return model
+    try:
+        _save_dir_atomically(out / "adapter", model.save_pretrained)
+    except OSError as error:
+        raise _checkpoint_error(error, "the final adapter", out) from error
+    return model, int(optimizer.state["zo"]["skipped_steps"])
+
+
+def _nonfinite_message(step: int, max_skips: int, out: Path) -> str:
+    latest = latest_checkpoint(out)
+    kept = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    return (
+        f"Training stopped at step {step}: the last {max_skips} steps all gave a non-finite loss (NaN or inf) and "
+        f"were skipped (--max-skipped-steps {max_skips}). The adapter is unchanged since the last finite step; "
+        f"{kept}. Lower --lr or --eps, load the base in float32 (--dtype float32: half precision overflows), check "
+        "the data, or raise --max-skipped-steps (0 = never stop)."
+    )
 
 
 def _validation_batches(splits, tasks, tokenizer, config):
@@ -351,10 +785,20 @@ def _validation_batches(splits, tasks, tokenizer, config):
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the log lines of steps <= `last_step` (those a resumed run must not write twice)."""
+    """Keep the log lines of steps <= `last_step` (those a resumed run must not write twice).
+
+    A line cut short by a crash (not valid JSON) ends the log: it and everything after it are dropped.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record["step"] <= last_step:
+            kept.append(line)
     _write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
@@ -394,17 +838,24 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     from .tasks import evaluate_tasks, sample_tasks
 
     if not (Path(adapter) / "adapter_config.json").exists():
-        raise RunError(f"--adapter {adapter} has no adapter_config.json; pass a directory written by save_pretrained.")
+        raise RunError(
+            f"--adapter {adapter} has no adapter_config.json; pass a directory written by save_pretrained (e.g. the "
+            "run's adapter/ or a checkpoint-<step>/)."
+        )
     config.method = "zero-shot"
     validate(config)
-    splits = sample_tasks(
-        config.tasks,
-        data_dir=config.data_dir,
-        n_train=config.n_train,
-        n_val=config.n_val,
-        n_test=config.n_test,
-        seed=config.seed,
-    )
+    _check_adapter_fits(config, adapter)
+    try:
+        splits = sample_tasks(
+            config.tasks,
+            data_dir=config.data_dir,
+            n_train=config.n_train,
+            n_val=config.n_val,
+            n_test=config.n_test,
+            seed=config.seed,
+        )
+    except ValueError as error:
+        raise RunError(str(error)) from None
     model, tokenizer = load_model_and_tokenizer(config)
     model = PeftModel.from_pretrained(model, adapter)
     scores = evaluate_tasks(

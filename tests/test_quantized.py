@@ -82,3 +82,37 @@ def test_merge_into_quantized_base_warns_and_stays_close(saved_base, kind):
     # lossy: requantization error, but far closer to the adapted model than the base is
     error = (merged_logits - adapted).abs().mean()
     assert error < 0.5 * adapted.abs().mean()
+
+
+def test_cpu_4bit_weights_are_not_corrupted_by_bitsandbytes_repacking(saved_base):
+    """bitsandbytes repacks 4-bit weights at the first CPU inference forward (AVX-512 BF16 CPUs) and cannot undo it
+    exactly: MaZO layers keep the standard layout, and a weight repacked before wrapping is read through the forward."""
+    ids = torch.arange(20).reshape(2, 10)
+    reference_model = load_quantized(saved_base, "nf4")
+    q_proj = reference_model.model.layers[0].self_attn.q_proj
+    true_weight = dense_weight(q_proj).clone()
+
+    model = get_peft_model(load_quantized(saved_base, "nf4"), MaZOConfig(sparsity=0.8, r=8))
+    layer = mazo_layers(model)["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(dense_weight(layer.get_base_layer()), true_weight)
+    assert torch.equal(first, again)
+
+    repacked = load_quantized(saved_base, "nf4")
+    with torch.no_grad():
+        before = repacked(input_ids=ids).logits  # may repack (depends on the CPU)
+    was_repacked = getattr(
+        repacked.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False
+    )
+    if not was_repacked:
+        pytest.skip("this CPU has no AVX-512 BF16: bitsandbytes does not repack")
+    with pytest.warns(UserWarning, match="repacked"):
+        wrapped = get_peft_model(repacked, MaZOConfig(sparsity=0.8, r=8))
+    with torch.no_grad():
+        after = wrapped(input_ids=ids).logits
+    torch.testing.assert_close(after, before)  # the identity adapter left the repacked base intact
+    read = dense_weight(mazo_layers(wrapped)["model.layers.0.self_attn.q_proj"].get_base_layer())
+    torch.testing.assert_close(read, true_weight, rtol=1e-2, atol=1e-2)

@@ -150,13 +150,17 @@ def records_to_examples(
     records = list(records)
     for number, record in records:
         if not isinstance(record, Mapping):
-            raise TaskDataError(f"{source}, {unit} {number}: expected a JSON object, got {type(record).__name__}.")
+            raise TaskDataError(
+                f"{source}, {unit} {number}: expected a JSON object, got {type(record).__name__}. Fix or remove "
+                f"that {unit}."
+            )
         for path in spec.required_fields:
             field = missing_field(record, path)
             if field is not None:
                 raise TaskDataError(
                     f"{source}, {unit} {number}: the record has no field '{field}', which task '{spec.name}' needs "
-                    f"(required: {', '.join(spec.required_fields)})."
+                    f"(required: {', '.join(spec.required_fields)}). Add the field to that {unit} or remove the "
+                    f"{unit}."
                 )
     examples: list[Example] = []
     for number, record in records:
@@ -178,7 +182,10 @@ def read_jsonl(path: str | PathLike) -> list[tuple[int, Any]]:
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise TaskDataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+                raise TaskDataError(
+                    f"{path}, line {number}: not valid JSON ({err.msg}). Fix or remove that line (one JSON object "
+                    "per line)."
+                ) from err
     return records
 
 
@@ -343,8 +350,10 @@ def sample_task(
     Args:
         task (`str`): task name.
         data_dir (`str` or `PathLike`, *optional*): data directory (layout in the module docstring); `None`: the hub.
-        n_train, n_val, n_test (`int`): examples per split (paper: 500 / 250 / 500); `None` for n_train / n_test
-            takes all there is. Too few available: a warning names the task, the request and what is available.
+        n_train (`int`, *optional*): training examples (paper: 500); `None` takes all there is. Too few available
+            (for any split): a warning names the task, the request and what is available.
+        n_val (`int`): validation examples (paper: 250).
+        n_test (`int`, *optional*): test examples (paper: 500); `None` takes all there is.
         seed (`int`): sampling seed; the same seed gives the same examples.
     """
     return sample_tasks([task], data_dir=data_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)[
