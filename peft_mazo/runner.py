@@ -597,23 +597,12 @@ def remove_stale_files(out: Path) -> list[Path]:
 StepCallback = Callable[[int, dict[str, Any]], None]
 
 
-def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, Any]:
-    """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json.
-
-    Raises:
-        RunError: bad input, before any work (nothing is written).
-        RunFailed: the run stopped (a checkpoint could not be written, only non-finite losses); the last complete
-            checkpoint is intact and `--resume` continues from it.
-    """
-    from .methods import get_method
+def _sample_splits(config: RunConfig) -> dict[str, Any]:
+    """The seeded train / val / test examples of every task (`TaskSplits` by task name)."""
     from .tasks import sample_tasks
 
-    validate(config)
-    method = get_method(config.method)
-    out = Path(config.out)
-    started = time.time()
     try:
-        splits = sample_tasks(
+        return sample_tasks(
             config.tasks,
             data_dir=config.data_dir,
             n_train=config.n_train,
@@ -623,6 +612,23 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, 
         )
     except ValueError as error:  # a bad record: the message names the file, the line and the field
         raise RunError(str(error)) from None
+
+
+def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, Any]:
+    """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json.
+
+    Raises:
+        RunError: bad input, before any work (nothing is written).
+        RunFailed: the run stopped (a checkpoint could not be written, only non-finite losses); the last complete
+            checkpoint is intact and `--resume` continues from it.
+    """
+    from .methods import get_method
+
+    validate(config)
+    method = get_method(config.method)
+    out = Path(config.out)
+    started = time.time()
+    splits = _sample_splits(config)
     groups = [[t] for t in config.tasks] if method.per_task else [list(config.tasks)]
     results: dict[str, Any] = {
         "method": method.name,
@@ -835,7 +841,7 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     """`mazo eval`: load the base model and an adapter directory, evaluate on the test split, write results.json."""
     from peft import PeftModel
 
-    from .tasks import evaluate_tasks, sample_tasks
+    from .tasks import evaluate_tasks
 
     if not (Path(adapter) / "adapter_config.json").exists():
         raise RunError(
@@ -845,17 +851,7 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     config.method = "zero-shot"
     validate(config)
     _check_adapter_fits(config, adapter)
-    try:
-        splits = sample_tasks(
-            config.tasks,
-            data_dir=config.data_dir,
-            n_train=config.n_train,
-            n_val=config.n_val,
-            n_test=config.n_test,
-            seed=config.seed,
-        )
-    except ValueError as error:
-        raise RunError(str(error)) from None
+    splits = _sample_splits(config)
     model, tokenizer = load_model_and_tokenizer(config)
     model = PeftModel.from_pretrained(model, adapter)
     scores = evaluate_tasks(
