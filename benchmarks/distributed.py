@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import random_llama  # noqa: E402  (benchmarks/common.py)
+
+
 ALL_CONFIGS = ("mazo_dense", "mazo_lora")
 TARGET_SPEEDUP_2 = 1.85
 GIB = 2**30
@@ -118,26 +121,6 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
         _sync(device)
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times), times
-
-
-def _build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_heads,
-        max_position_embeddings=max(4096, args.seq_len),
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    torch.manual_seed(args.seed)  # the same random weights on every rank (checked below)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    return model.eval().requires_grad_(False)
 
 
 def _allreduce_us(num_tasks: int, device: torch.device, repeats: int = 50) -> Optional[float]:
@@ -230,7 +213,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1 if args.tiny else max(1, (os.cpu_count() or 1) // world))
-    base = _build_base(args, device)
+    base = random_llama(  # the same seed: the same random weights on every rank (checked below)
+        device, vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_heads, seq_len=args.seq_len,
+        dtype=args.dtype, seed=args.seed, use_cache=False,
+    )  # fmt: skip
     zo_dist.check_in_sync(dict(base.named_parameters()), step=0, what="base weights")
     cuda_z_same = _cuda_z_same_on_every_gpu(device)
     results: dict[str, Any] = {}

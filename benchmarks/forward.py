@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -47,8 +46,8 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
+from common import Meter, random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import peft_mazo  # noqa: E402
 from peft_mazo import ZOSGD, MaZOConfig, kernels  # noqa: E402
@@ -99,45 +98,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------------
-class Meter:
-    """CUDA-event (or perf_counter on CPU) medians."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def median_ms(self, fn: Callable[[int], Any], warmup: int, repeats: int, inner: int = 1) -> tuple[float, list]:
-        """Median over `repeats` of the time of `inner` calls `fn(i)` (i counts calls), divided by `inner`."""
-        calls = 0
-        for _ in range(warmup):
-            for _ in range(inner):
-                fn(calls)
-                calls += 1
-        self.sync()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(inner):
-                    fn(calls)
-                    calls += 1
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / inner)
-            else:
-                begin = time.perf_counter()
-                for _ in range(inner):
-                    fn(calls)
-                    calls += 1
-                times.append((time.perf_counter() - begin) * 1e3 / inner)
-        return statistics.median(times), times
-
-
 def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -422,23 +382,6 @@ def bench_kernels(meter: Meter, args: argparse.Namespace, ceilings: dict) -> dic
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. model forwards and ZO steps
 # ---------------------------------------------------------------------------------------------------------------------
-def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_heads,
-        max_position_embeddings=max(4096, args.seq_len),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    return model.eval().requires_grad_(False)
-
-
 class KernelsOff:
     """Context manager: `PEFT_MAZO_DISABLE_KERNELS=1` inside (the dispatch reads it at every call)."""
 
@@ -546,7 +489,11 @@ def bench_model(
     """Section 4: base forward, then each adapter's forwards and ZO steps on the same base weights (into `results`,
     calling `save` after each part)."""
     device = meter.device
-    base = build_base(args, device)
+    base = random_llama(
+        device, vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_heads, seq_len=args.seq_len,
+        dtype=args.dtype, seed=args.seed,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "labels": ids}

@@ -21,14 +21,14 @@ import platform
 import re
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import peft
 import torch
 import transformers
+from common import random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_mazo
 
@@ -70,32 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """Random-weight Llama of the requested shapes, built directly on the device in the requested dtype."""
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(4096, args.seq_len),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    with default_dtype(getattr(torch, args.dtype)), args.device:
-        model = LlamaForCausalLM(config)
-    model.eval()
+    model = random_llama(
+        args.device, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, seq_len=args.seq_len,
+        dtype=args.dtype, seed=args.seed,
+    )  # fmt: skip
     return get_peft_model(model, peft_mazo.MaZOConfig(sparsity=args.sparsity, r=args.r, scorer=args.scorer))
 
 

@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import platform
 import re
-import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +42,8 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
+from common import Meter, random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import peft_mazo  # noqa: E402
 from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
@@ -104,75 +101,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------------
 # measurement helpers
 # --------------------------------------------------------------------------------------------------------------------
-class Meter:
-    """Timing (CUDA events or perf_counter) and peak memory on one device."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def median_ms(self, fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, list[float]]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                begin = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(times), times
-
-    def peak_bytes(self, fn: Callable[[], Any]) -> Optional[int]:
-        """Peak allocated bytes during one call of `fn` (everything already allocated included)."""
-        if not self.cuda:
-            fn()
-            return None
-        self.sync()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        fn()
-        self.sync()
-        return int(torch.cuda.max_memory_allocated(self.device))
-
-    def allocated(self) -> Optional[int]:
-        return int(torch.cuda.memory_allocated(self.device)) if self.cuda else None
-
-    def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-
-def build_base(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        max_position_embeddings=max(4096, args.seq_len),
-        tie_word_embeddings=False,
-    )
-    if args.no_cache:
-        config.use_cache = False
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    return model.eval().requires_grad_(False)
-
-
 def mezo_step(
     params: list[torch.Tensor], closure: Callable[[], torch.Tensor], eps: float, lr: float, seed: int
 ) -> float:
@@ -216,7 +144,7 @@ def run_forward(base, batch, meter, args) -> dict[str, Any]:
         with torch.no_grad():
             return base(**batch).loss
 
-    median, times = meter.median_ms(forward, args.warmup, args.repeats)
+    median, times = meter.median_ms(lambda _: forward(), args.warmup, args.repeats)
     return dict(
         median_ms=median, times_ms=times, peak_bytes=meter.peak_bytes(forward), weights_bytes=meter.allocated()
     )
@@ -241,7 +169,7 @@ def run_mazo(base, batch, meter, args, r: int, sparsity: float, allow_tf32: bool
                 with torch.no_grad():
                     return model(**batch).loss
 
-            result["adapter_forward_ms"], _ = meter.median_ms(forward, args.warmup, args.repeats)
+            result["adapter_forward_ms"], _ = meter.median_ms(lambda _: forward(), args.warmup, args.repeats)
             result["adapter_forward_peak_bytes"] = meter.peak_bytes(forward)
 
             opt = ZOSGD(model, lr=1e-6, eps=args.eps, seed=args.seed)
@@ -249,7 +177,7 @@ def run_mazo(base, batch, meter, args, r: int, sparsity: float, allow_tf32: bool
             def step():
                 return opt.step(lambda: model(**batch).loss)
 
-            result["median_ms"], result["times_ms"] = meter.median_ms(step, args.warmup, args.repeats)
+            result["median_ms"], result["times_ms"] = meter.median_ms(lambda _: step(), args.warmup, args.repeats)
             result["peak_bytes"] = meter.peak_bytes(step)
 
             # exactness, outside the timed region: an lr = 0 step leaves the trainable state bit-for-bit
@@ -270,7 +198,7 @@ def run_mezo_full(base, batch, meter, args) -> dict[str, Any]:
     closure = lambda: base(**batch).loss  # noqa: E731
     result: dict[str, Any] = {"trainable_values": sum(p.numel() for p in params)}
     result["median_ms"], result["times_ms"] = meter.median_ms(
-        lambda: mezo_step(params, closure, args.eps, 1e-7, args.seed), args.warmup, args.repeats
+        lambda _: mezo_step(params, closure, args.eps, 1e-7, args.seed), args.warmup, args.repeats
     )
     result["peak_bytes"] = meter.peak_bytes(lambda: mezo_step(params, closure, args.eps, 1e-7, args.seed))
     layer0 = [p for n, p in base.named_parameters() if ".layers.0." in n]
@@ -297,11 +225,11 @@ def run_mezo_peft_lora(base, batch, meter, args) -> dict[str, Any]:
             with torch.no_grad():
                 return model(**batch).loss
 
-        result["adapter_forward_ms"], _ = meter.median_ms(forward, args.warmup, args.repeats)
+        result["adapter_forward_ms"], _ = meter.median_ms(lambda _: forward(), args.warmup, args.repeats)
         result["adapter_forward_peak_bytes"] = meter.peak_bytes(forward)
         closure = lambda: model(**batch).loss  # noqa: E731
         result["median_ms"], result["times_ms"] = meter.median_ms(
-            lambda: mezo_step(params, closure, args.eps, 1e-4, args.seed), args.warmup, args.repeats
+            lambda _: mezo_step(params, closure, args.eps, 1e-4, args.seed), args.warmup, args.repeats
         )
         result["peak_bytes"] = meter.peak_bytes(lambda: mezo_step(params, closure, args.eps, 1e-4, args.seed))
     finally:
@@ -370,7 +298,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     meter = Meter(device)
     device_name = torch.cuda.get_device_name(device) if meter.cuda else (platform.processor() or platform.machine())
 
-    base = build_base(args, device)
+    base = random_llama(
+        device, vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, seq_len=args.seq_len,
+        dtype=args.dtype, seed=args.seed, use_cache=not args.no_cache,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
     batch = {"input_ids": ids, "labels": ids}

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmark scripts: a random-weight Llama of given shapes and a timing/memory meter.
+
+The scripts run as `python benchmarks/<name>.py`, so this module is importable as `common`.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+def random_llama(
+    device: torch.device,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    seq_len: int,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    use_cache: bool = True,
+) -> torch.nn.Module:
+    """A `LlamaForCausalLM` with random weights, built directly on `device` in `dtype`, frozen and in eval mode.
+
+    The same seed gives the same weights (on every rank of a distributed run, too).
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max(4096, seq_len),
+        tie_word_embeddings=False,
+        use_cache=use_cache,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval().requires_grad_(False)
+
+
+class Meter:
+    """Medians of CUDA-event timings (perf_counter on CPU) and peak memory on one device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def median_ms(
+        self, fn: Callable[[int], Any], warmup: int, repeats: int, inner: int = 1
+    ) -> tuple[float, list[float]]:
+        """Median over `repeats` of the time of `inner` calls `fn(i)` (i counts calls), divided by `inner`."""
+        calls = 0
+        for _ in range(warmup * inner):
+            fn(calls)
+            calls += 1
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                begin = time.perf_counter()
+            for _ in range(inner):
+                fn(calls)
+                calls += 1
+            if self.cuda:
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / inner)
+            else:
+                times.append((time.perf_counter() - begin) * 1e3 / inner)
+        return statistics.median(times), times
+
+    def peak_bytes(self, fn: Callable[[], Any]) -> Optional[int]:
+        """Peak allocated bytes during one call of `fn` (everything already allocated included); None on CPU."""
+        if not self.cuda:
+            fn()
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def allocated(self) -> Optional[int]:
+        return int(torch.cuda.memory_allocated(self.device)) if self.cuda else None
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
