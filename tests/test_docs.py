@@ -17,7 +17,6 @@ it is `<!-- norun -->`; keep those rare (code that needs a GPU, the network or a
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -118,7 +117,6 @@ def test_page_code_blocks_run(page, model_path, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace = page_namespace(model_path)
-    started = time.perf_counter()
     for line, code in blocks:
         try:
             exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
@@ -126,4 +124,3 @@ def test_page_code_blocks_run(page, model_path, tmp_path, monkeypatch):
             raise AssertionError(
                 f"{page.relative_to(ROOT)}, block at line {line} failed: {error!r}\n{code}"
             ) from error
-    assert time.perf_counter() - started < 60, "keep the documentation's examples fast"

@@ -9,13 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -93,25 +91,15 @@ def assert_checkpoint_complete(checkpoint: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # hard kills
 # ----------------------------------------------------------------------------------------------------------------------
+# Every process whose results are compared bit for bit runs with one thread (thread counts change float reductions).
+THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+
+
 def mazo_train(model_dir: Path, out: Path, resume: bool) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env = THREAD_ENV
     command = [sys.executable, "-m", "peft_mazo.cli", "train", "--model", str(model_dir), "--out", str(out)]
     command += KILL_ARGS + (["--resume"] if resume else [])
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def logged_steps(out: Path) -> int:
-    try:
-        lines = (out / "losses.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            break
-    return max(steps, default=0)
 
 
 @pytest.fixture(scope="module")
@@ -123,34 +111,88 @@ def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_same_adapter(tiny_model_dir, uninterrupted_run, tmp_path):
-    """`mazo train` is SIGKILLed at random points (after a random step, plus a random delay, so kills land in
-    forwards, updates and checkpoint writes alike), resumed each time, and finishes with the adapter, the mask and
-    the loss log of an uninterrupted run; after every kill `latest` names a complete checkpoint."""
-    rng = random.Random(1234)
+# Where the killed-and-resumed run SIGKILLs itself: (kind, zero-based optimizer step). Deterministic points, one in
+# each phase of a step: in a forward pass, halfway through the update of the trainable tensors, and halfway through
+# writing a checkpoint (state.pt half written in the staging directory).
+KILL_POINTS = [("forward", 4), ("update", 10), ("checkpoint", 16)]
+KILL_PATCHES = {
+    "forward": """
+        real_step = optimizer.ZOSGD.step
+        def step(self, closure=None):
+            if self.state["zo"]["step"] != {step}:
+                return real_step(self, closure)
+            calls = []
+            def killing_closure():
+                calls.append(1)
+                value = closure()
+                if len(calls) == 2:  # the - pass, after the + pass
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return value
+            return real_step(self, killing_closure)
+        optimizer.ZOSGD.step = step
+    """,
+    "update": """
+        real_update = optimizer.ZOSGD._update_param
+        updated = []
+        def update(self, *args, **kwargs):
+            result = real_update(self, *args, **kwargs)
+            if self.state["zo"]["step"] == {step}:
+                updated.append(1)
+                if len(updated) == 2:  # some tensors of this step updated, the others not yet
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        optimizer.ZOSGD._update_param = update
+    """,
+    "checkpoint": """
+        real_save = runner.torch.save
+        def save(obj, path, *args, **kwargs):
+            if "checkpoint-{checkpoint}" in str(path):
+                with open(path, "wb") as handle:
+                    handle.write(b"half a file")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, path, *args, **kwargs)
+        runner.torch.save = save
+    """,
+}
+
+
+def killed_mazo_train(model_dir: Path, out: Path, kind: str, step: int) -> subprocess.CompletedProcess:
+    """`mazo train` (resuming when `out` has a checkpoint) in a process that SIGKILLs itself at (`kind`, `step`)."""
+    resume = ["--resume"] if latest_checkpoint(out) is not None else []
+    argv = ["train", "--model", str(model_dir), "--out", str(out), *KILL_ARGS, *resume]
+    script = textwrap.dedent(
+        """
+        import os, signal
+        import torch
+        torch.set_num_threads(1)
+        from peft_mazo import runner
+        from peft_mazo.zo import optimizer
+        """
+    )
+    script += textwrap.dedent(KILL_PATCHES[kind].format(step=step, checkpoint=step + 1))
+    script += f"from peft_mazo.cli import main\nmain({argv!r})\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=THREAD_ENV)
+
+
+def test_sigkill_in_a_forward_an_update_and_a_checkpoint_write_then_resume_gives_the_same_adapter(
+    tiny_model_dir, uninterrupted_run, tmp_path
+):
+    """`mazo train` is SIGKILLed inside a forward pass, halfway through an update and halfway through a checkpoint
+    write, resumed each time, and finishes with the adapter, the mask and the loss log of an uninterrupted run; after
+    every kill `latest` names a complete checkpoint. Every process runs with one thread, so the runs are bitwise
+    comparable."""
     out = tmp_path / "killed"
-    kills = 0
-    targets = sorted(rng.sample(range(2, 23), 3))
-    for target in targets:
-        resume = latest_checkpoint(out) is not None
-        process = mazo_train(tiny_model_dir, out, resume=resume)
-        deadline = time.time() + 300
-        while process.poll() is None and logged_steps(out) < target and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.04))
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=60)
-        if process.returncode == -signal.SIGKILL:
-            kills += 1
+    for kind, step in KILL_POINTS:
+        result = killed_mazo_train(tiny_model_dir, out, kind, step)
+        assert result.returncode == -signal.SIGKILL, (kind, result.stderr[-3000:])
         checkpoint = latest_checkpoint(out)
-        if checkpoint is not None:  # never half-written: whatever `latest` names is complete
-            assert_checkpoint_complete(checkpoint)
-    assert kills >= 2, "the runs finished before they could be killed"
+        assert checkpoint is not None and checkpoint.name == f"checkpoint-{step}", (kind, checkpoint)
+        assert_checkpoint_complete(checkpoint)  # never half-written: whatever `latest` names is complete
 
     # A crash can also cut a log line short; the resumed run must drop it.
     with open(out / "losses.jsonl", "a") as log:
         log.write('{"step": 99, "loss": 0.69, "los')
-    process = mazo_train(tiny_model_dir, out, resume=latest_checkpoint(out) is not None)
+    process = mazo_train(tiny_model_dir, out, resume=True)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
 
@@ -187,10 +229,8 @@ KILL_INSIDE = {
 }
 
 
-@pytest.mark.parametrize("where", list(KILL_INSIDE))
-def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_dir, tmp_path, where):
-    out = tmp_path / "run"
-    config = small_config(tiny_model_dir, out)
+def run_in_subprocess(config: RunConfig, patch: str = "") -> subprocess.CompletedProcess:
+    """`runner.run(config)` in a fresh one-thread process, after the Python of `patch` (e.g. a fault to inject)."""
     script = textwrap.dedent(
         f"""
         import os, signal, sys
@@ -201,9 +241,15 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_di
         from peft_mazo.runner import RunConfig
         """
     )
-    script += textwrap.dedent(KILL_INSIDE[where])
+    script += textwrap.dedent(patch)
     script += f"runner.run(RunConfig(**{vars(config)!r}))\n"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=THREAD_ENV)
+
+
+@pytest.mark.parametrize("where", list(KILL_INSIDE))
+def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_dir, tmp_path, where):
+    out = tmp_path / "run"
+    result = run_in_subprocess(small_config(tiny_model_dir, out), KILL_INSIDE[where])
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
     assert latest_checkpoint(out).name == "checkpoint-2"
@@ -214,9 +260,11 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_di
     else:
         assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint-4-")  # the half-written staging dir
 
-    run(small_config(tiny_model_dir, out, resume=True))
+    resumed = run_in_subprocess(small_config(tiny_model_dir, out, resume=True))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = tmp_path / "reference"
-    run(small_config(tiny_model_dir, reference))
+    finished = run_in_subprocess(small_config(tiny_model_dir, reference))
+    assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same_tensors(adapter_tensors(reference / "adapter"), adapter_tensors(out / "adapter"))
     assert log_records(out) == log_records(reference)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the stale staging directory is gone
