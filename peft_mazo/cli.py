@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-eval-before", action="store_true", help="skip the zero-shot evaluation")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     train.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run every forward directly instead of replaying CUDA graphs of the packed step (GPU only)",
+    )
+    train.add_argument(
         "--max-skipped-steps",
         type=int,
         default=10,
@@ -85,6 +90,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if getattr(args, "no_eval_before", False):
         values["evaluate_before"] = False
+    if getattr(args, "no_cuda_graphs", False):
+        values["cuda_graphs"] = False
     return RunConfig(**values)
 
 

@@ -265,8 +265,9 @@ class Linear(nn.Module, MaZOLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`y = x (W + Σ_a ΔW_a ⊙ M_a)ᵀ + bias` for the active adapters; x (..., in) -> y (..., out).
 
-        Full-precision bases: the effective weight is composed (one layer's worth, transiently) and applied in one
-        matmul, so the delta costs no second matmul. Quantized bases: base output plus `x ΔWᵀ`.
+        Full-precision and 4-bit bases: the effective weight is composed (one layer's worth, transiently; a 4-bit
+        weight dequantized first, as bitsandbytes' own forward does) and applied in one matmul, so the delta costs no
+        second matmul. 8-bit bases: bitsandbytes' int8 output plus `x ΔWᵀ`.
         """
         if self.disable_adapters:
             if self.merged:
@@ -277,7 +278,16 @@ class Linear(nn.Module, MaZOLayer):
             return self.base_layer(x, *args, **kwargs)
 
         base = self.get_base_layer()
-        if quantization_kind(base):
+        kind = quantization_kind(base)
+        repacked = getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)
+        if kind == "4bit" and not repacked:  # dequantize, add the masked deltas, one matmul (as bnb's own forward)
+            compute_dtype = getattr(base, "compute_dtype", None) or x.dtype
+            weight = dense_weight(base).to(compute_dtype)
+            for name in adapters:
+                weight = self._add_delta(weight, name)
+            bias = None if base.bias is None else base.bias.to(compute_dtype)
+            return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+        if kind:  # 8-bit (its int8 matmul with outlier handling), or a CPU-repacked 4-bit weight: base output + x ΔWᵀ
             result = self.base_layer(x, *args, **kwargs)
             for name in adapters:
                 delta = self.get_delta_weight(name)

@@ -92,6 +92,7 @@ class RunConfig:
     evaluate_before: bool = True
     coba_every: int = 4
     max_skipped_steps: int = 10
+    cuda_graphs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -682,6 +683,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
 
     from .config import MaZOConfig
     from .tasks import MultiTaskSampler, calibration_loaders, multitask_losses
+    from .tasks.graphs import CUDAGraphLosses
     from .zo import ZOSGD
     from .zo.weighting import make_weighting
 
@@ -727,6 +729,8 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
         log_path.unlink()
 
     steps = sampler.encoded(tokenizer, max_length=config.max_length)
+    on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
+    graphed = CUDAGraphLosses(model) if config.cuda_graphs and on_gpu else None
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=method.name)
     with open(log_path, "a") as log:
         for step in progress:
@@ -736,7 +740,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
             started = time.time()
             stopped = False
             try:
-                loss = optimizer.step(lambda batches=batches: multitask_losses(model, batches))
+                loss = optimizer.step(_step_closure(model, batches, graphed))
             except RuntimeError:
                 if max_skips is None or optimizer.state["zo"]["consecutive_skips"] < max_skips:
                     raise
@@ -771,6 +775,17 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     except OSError as error:
         raise _checkpoint_error(error, "the final adapter", out) from error
     return model, int(optimizer.state["zo"]["skipped_steps"])
+
+
+def _step_closure(model, batches, graphed):
+    """The step's closure: all tasks in one packed forward (replayed from a CUDA graph where `graphed` can), else
+    `multitask_losses` (one forward per task for a model that does not keep packed sequences apart)."""
+    from .tasks import multitask_losses, pack_batches, supports_packing
+
+    if graphed is not None and supports_packing(model):
+        packed = pack_batches(batches)
+        return lambda: graphed(packed)
+    return lambda: multitask_losses(model, batches)
 
 
 def _nonfinite_message(step: int, max_skips: int, out: Path) -> str:

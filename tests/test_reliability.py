@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from test_tasks_helpers import make_tiny_tokenizer
 
 import peft_mazo
+import peft_mazo.tasks
 from peft_mazo import runner
 from peft_mazo.cli import main
 from peft_mazo.runner import CheckpointError, RunConfig, RunError, RunFailed, latest_checkpoint, run

@@ -15,6 +15,7 @@ from torch import nn
 import peft_mazo
 from peft_mazo import ZOSGD, EqualWeighting, MaZOConfig, MaZOLayer, StaticWeighting, TaskWeighting
 from peft_mazo.quantized import quantization_kind
+from peft_mazo.zo import optimizer as zo_optimizer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -307,26 +308,34 @@ def test_lr_scheduler_drives_the_step():
 # --------------------------------------------------------------------------------------------------------------------
 # perturbation placement
 # --------------------------------------------------------------------------------------------------------------------
-def test_lazy_and_eager_perturbation_agree_bitwise():
-    """'auto' perturbs MaZO layers inside their forward and other trainable tensors (a modules_to_save head) for the
-    whole pass; 'eager' perturbs everything for the whole pass. Same seed -> identical steps."""
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lazy_and_eager_perturbation_agree_bitwise(momentum, monkeypatch):
+    """'lazy' perturbs MaZO layers inside their forward (z regenerated) and other trainable tensors (a modules_to_save
+    head) for the whole pass; 'eager' perturbs everything for the whole pass with z drawn once per step and
+    multi-tensor updates. Same seed -> the same z and identical steps; 'auto' picks eager for a small adapter and lazy
+    above `EAGER_MAX_BYTES`."""
     config = MaZOConfig(sparsity=0.5, r=0, target_modules=["lin0", "lin1"], modules_to_save=["norm"])
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     target = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     results = []
-    for mode in ("auto", "eager"):
+    for mode in ("lazy", "eager", "auto"):
         model = get_peft_model(make_mlp(), config)
-        opt = ZOSGD(model, lr=1e-2, seed=0, perturbation=mode)
-        if mode == "auto":
-            assert len(opt._lazy) == 2 and len(opt._eager) == 2  # lin0, lin1 | norm weight and bias
+        opt = ZOSGD(model, lr=1e-2, seed=0, perturbation=mode, momentum=momentum, weight_decay=0.1)
+        if mode == "lazy":
+            assert opt.mode == "lazy" and len(opt._lazy) == 2 and len(opt._eager) == 2  # lin0, lin1 | norm w, b
         else:
-            assert not opt._lazy
+            assert opt.mode == "eager" and not opt._lazy
         closure = lambda model=model: ((model(x) - target) ** 2).mean()  # noqa: E731
         losses = [float(opt.step(closure)) for _ in range(3)]
+        if opt.mode == "eager":  # the kept z of the last step is the regenerated one
+            kept = [opt._step_directions[opt._param_index[p]] for g in opt.param_groups for p in g["params"]]
+            assert all(torch.equal(a, b) for a, b in zip(kept, opt.perturbation_direction(2), strict=True))
         results.append((losses, trainable(model)))
-    assert results[0][0] == results[1][0]
-    assert bitwise_equal(results[0][1], results[1][1])
+    assert results[0][0] == results[1][0] == results[2][0]
+    assert bitwise_equal(results[0][1], results[1][1]) and bitwise_equal(results[0][1], results[2][1])
     assert any("norm" in n for n in results[0][1])
+    monkeypatch.setattr(zo_optimizer, "EAGER_MAX_BYTES", 0)
+    assert ZOSGD(get_peft_model(make_mlp(), config), perturbation="auto").mode == "lazy"
 
 
 def test_save_pretrained_after_steps_roundtrips(tmp_path):
@@ -608,7 +617,7 @@ def test_max_consecutive_skips_raises():
         (dict(eps=float("inf")), "eps must be"),
         (dict(momentum=1.0), "momentum must be"),
         (dict(weight_decay=-0.1), "weight_decay must be"),
-        (dict(perturbation="lazy"), "perturbation must be"),
+        (dict(perturbation="fused"), "perturbation must be"),
         (dict(max_consecutive_skips=0), "max_consecutive_skips"),
         (dict(weighting="famo"), "TaskWeighting"),
     ],

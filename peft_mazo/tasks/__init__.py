@@ -8,6 +8,8 @@ Modules, one responsibility each:
 - `data`: JSON Lines / hub loading with field checks, seeded train / val / test sampling.
 - `encoding`: tokenization rule and padded tensors (`EncodedBatch`).
 - `scoring`: log-likelihoods, losses, predictions, greedy generation, `multitask_losses`.
+- `packing`: all tasks of a step in one padding-free forward (`pack_batches`, `packed_losses`).
+- `graphs`: `CUDAGraphLosses`, the packed forward replayed from CUDA graphs.
 - `metrics`: accuracy, SQuAD normalisation and token F1.
 - `evaluation`: `evaluate_task` / `evaluate_tasks`.
 - `sampler`: `MultiTaskSampler` (one micro-batch per task per step).
@@ -39,7 +41,9 @@ from .data import (
 from .encoding import EncodedBatch, encode_batch, encode_continuations
 from .evaluation import average_score, evaluate_task, evaluate_tasks
 from .example import Example
+from .graphs import CUDAGraphLosses
 from .metrics import accuracy, exact_match, normalize_answer, squad_exact_match, squad_f1, token_f1
+from .packing import PackedBatch, pack_batches, packed_losses, supports_packing
 from .registry import TASK_NAMES, TASKS, TaskSpec, UnknownTaskError, canonical_task_name, get_task
 from .sampler import MultiTaskSampler
 from .scoring import (
@@ -55,6 +59,7 @@ from .scoring import (
 
 
 __all__ = [
+    "CUDAGraphLosses",
     "DEFAULT_N_TEST",
     "DEFAULT_N_TRAIN",
     "DEFAULT_N_VAL",
@@ -64,6 +69,7 @@ __all__ = [
     "EncodedBatch",
     "Example",
     "MultiTaskSampler",
+    "PackedBatch",
     "TaskDataError",
     "TaskSpec",
     "TaskSplits",
@@ -86,6 +92,8 @@ __all__ = [
     "load_examples",
     "multitask_losses",
     "normalize_answer",
+    "pack_batches",
+    "packed_losses",
     "predict",
     "sample_examples",
     "sample_task",
@@ -94,5 +102,6 @@ __all__ = [
     "sequence_log_likelihoods",
     "squad_exact_match",
     "squad_f1",
+    "supports_packing",
     "token_f1",
 ]

@@ -19,6 +19,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from .encoding import EncodedBatch, encode_batch, encode_contexts, pad_sequences, pad_token_id
 from .example import Example
 from .metrics import squad_f1
+from .packing import PackedBatch, pack_batches, packed_losses, supports_packing
 
 
 Objective = Literal["loss", "error"]
@@ -183,33 +184,61 @@ def batch_error(model: torch.nn.Module, batch: EncodedBatch, max_new_tokens: int
     return torch.tensor(1.0 - score, dtype=torch.float32, device=device)
 
 
+_last_packing: list = []  # one entry: (the step's batch objects, device, PackedBatch), reused by the - pass
+
+
+def _packed_step(batches: Mapping[str, EncodedBatch], device: torch.device) -> PackedBatch:
+    """`pack_batches(batches)` on `device`, packed once per step: a ZO step's + and - closures reuse it."""
+    key = tuple(batches.values())
+    if _last_packing and _last_packing[0][1] == device and len(_last_packing[0][0]) == len(key):
+        if all(a is b for a, b in zip(_last_packing[0][0], key, strict=True)):
+            return _last_packing[0][2]
+    packed = pack_batches(batches).to(device)
+    _last_packing[:] = [(key, device, packed)]  # holds the batches, so their ids cannot be reused while cached
+    return packed
+
+
 def multitask_losses(
     model: torch.nn.Module,
-    batches: Mapping[str, EncodedBatch],
+    batches: Mapping[str, EncodedBatch] | PackedBatch,
     objective: Objective = "loss",
     *,
     with_grad: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    packed: bool | None = None,
 ) -> torch.Tensor:
     """One loss per task, for a zeroth-order closure: `return multitask_losses(model, batches)`.
 
+    With the training loss, all tasks run in ONE padding-free forward (`packing.packed_losses`) when the model keeps
+    packed sequences apart (`supports_packing`, checked once per model); otherwise one padded forward per task. Both
+    give the same losses up to floating-point rounding.
+
     Args:
         model (`torch.nn.Module`): the causal LM (batches are moved to its device).
-        batches (`Mapping[str, EncodedBatch]`): one batch per task, e.g. a step of `MultiTaskSampler.encoded`.
+        batches (`Mapping[str, EncodedBatch]` or `PackedBatch`): one batch per task, e.g. a step of
+            `MultiTaskSampler.encoded`, or such a step already packed with `pack_batches`.
         objective (`"loss"` or `"error"`): the training loss of `batch_loss`, or the non-differentiable
-            `batch_error` (1 − accuracy / 1 − F1 with greedy generation).
+            `batch_error` (1 − accuracy / 1 − F1 with greedy generation; never packed).
         with_grad (`bool`): `False` (default) runs under `torch.no_grad()`, as a ZO step needs; `True` keeps the
             caller's grad mode (first-order baselines).
+        packed (`bool`, *optional*): force (True) or forbid (False) the packed forward; None (default) packs when
+            the model supports it.
 
     Returns:
         `torch.FloatTensor` of shape `(T,)`: the tasks' values in the order of `batches`.
     """
     if objective not in ("loss", "error"):
         raise ValueError(f"objective must be 'loss' or 'error', got {objective!r}.")
-    if not batches:
+    if not isinstance(batches, PackedBatch) and not batches:
         raise ValueError("multitask_losses needs at least one task batch.")
+    if isinstance(batches, PackedBatch) and (objective != "loss" or packed is False):
+        raise ValueError("A PackedBatch gives the training loss only; pass the task batches for objective='error'.")
     device = model_device(model)
     with nullcontext() if with_grad else torch.no_grad():
+        if isinstance(batches, PackedBatch):
+            return packed_losses(model, batches.to(device))
+        if objective == "loss" and packed is not False and (packed or supports_packing(model)):
+            return packed_losses(model, _packed_step(batches, device))
         values = []
         for task, batch in batches.items():
             if not isinstance(batch, EncodedBatch):

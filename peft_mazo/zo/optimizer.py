@@ -12,15 +12,20 @@ Exactness. The perturbed forwards never write θ. For the duration of a module's
 points (`param.data = ...`) at a fresh tensor `θ + εz`; when the module returns, the parameter points at the
 untouched original again. So the parameters after a step are bit-for-bit `θ` plus the update, and exactly `θ` when
 the update is skipped (lr = 0, non-finite loss, an exception in the closure). The frozen base weights (fp32, bf16,
-bitsandbytes 4-bit) are never touched at all. By default ("auto") this swap is done lazily inside every MaZO layer's
-forward (forward pre-/post-hooks registered for the duration of the step only), so the perturbed copy costs one
-layer's trainable tensors at a time; other trainable tensors (e.g. `modules_to_save` heads) are swapped for the whole
-pass ("eager"), which costs one extra copy of them.
+bitsandbytes 4-bit) are never touched at all. Two ways to do the swap (`perturbation=`):
+
+- "eager": every trainable tensor for the whole pass. z of the step is drawn once into buffers kept for the step, and
+  the + and - copies and the update are a few multi-tensor (`torch._foreach_*`) operations. Costs two copies of the
+  trainable state (z and θ ± εz); the fast path for adapters of small and mid-size models.
+- "lazy": inside every MaZO layer's forward (forward pre-/post-hooks registered for the duration of the step only),
+  so the perturbed copy costs one layer's trainable tensors at a time and z is regenerated for the + pass, the - pass
+  and the update (MeZO's trick: never stored). Other trainable tensors (e.g. `modules_to_save` heads) are swapped for
+  the whole pass. The memory-lean path for large adapters.
+- "auto" (default): "eager" while the two extra copies take at most `EAGER_MAX_BYTES` (1 GiB), else "lazy".
 
 Randomness. z comes from a dedicated `torch.Generator` per device, reseeded for every tensor of every step from
-`(seed, step, tensor index)`; z is never stored, but regenerated for the + pass, the - pass and the update (MeZO's
-trick). The global RNG (`torch.get_rng_state()`, CUDA's) is never used, and resuming from `state_dict()` regenerates
-the same z for the same step.
+`(seed, step, tensor index)`, so both modes draw the very same z. The global RNG (`torch.get_rng_state()`, CUDA's) is
+never used, and resuming from `state_dict()` regenerates the same z for the same step.
 
 Data parallel (`torch.distributed`, see docs/distributed.md). Every rank draws the same z (same seed stream, checked at
 construction), evaluates the closures on its own shard of the batch, and the stacked (2, T) loss pair is averaged over
@@ -51,7 +56,9 @@ Closure = Callable[[], Union[torch.Tensor, float]]
 ParamsArg = Union[Iterable[nn.Parameter], Iterable[dict[str, Any]]]
 
 _MASK64 = (1 << 64) - 1
-PERTURBATION_MODES = ("auto", "eager")
+PERTURBATION_MODES = ("auto", "eager", "lazy")
+EAGER_MAX_BYTES = 2**30
+"""`perturbation="auto"` keeps z and the perturbed copy for the whole step (eager) up to this many extra bytes."""
 
 
 def _splitmix64(value: int) -> int:
@@ -186,9 +193,10 @@ class ZOSGD(torch.optim.Optimizer):
             tensor (default: `EqualWeighting`).
         max_consecutive_skips (`int`, *optional*): raise `RuntimeError` after this many steps in a row were skipped
             for a non-finite loss. None (default): never raise.
-        perturbation (`str`): "auto" (default): MaZO layers' tensors are perturbed inside their own forward, one layer
-            at a time; other trainable tensors for the whole pass. "eager": every tensor for the whole pass (one
-            extra copy of the trainable state; use it if a MaZO layer's tensors are read outside its forward).
+        perturbation (`str`): "eager": every tensor perturbed for the whole pass, z drawn once per step (fast; two
+            extra copies of the trainable state). "lazy": MaZO layers' tensors perturbed inside their own forward,
+            one layer at a time, z regenerated (lean). "auto" (default): eager up to `EAGER_MAX_BYTES` of extra
+            memory, else lazy. Use "eager" if a MaZO layer's tensors are read outside its forward.
         distributed (`bool`, *optional*): data-parallel mode: the (2, T) losses of every step are averaged over the
             ranks of the default process group with one all-reduce (each rank's closures should see an equal-size
             shard of the batch, so that the mean over ranks is the full-batch loss). None (default): on when a process
@@ -215,7 +223,7 @@ class ZOSGD(torch.optim.Optimizer):
         params: Optional[ParamsArg] = None,
         weighting: Optional[TaskWeighting] = None,
         max_consecutive_skips: Optional[int] = None,
-        perturbation: Literal["auto", "eager"] = "auto",
+        perturbation: Literal["auto", "eager", "lazy"] = "auto",
         distributed: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -268,6 +276,9 @@ class ZOSGD(torch.optim.Optimizer):
         self.perturbation = perturbation
         self.last_step: Optional[ZOStepResult] = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._step_directions: dict[int, torch.Tensor] = {}  # eager mode: z of one step, by tensor index
+        self._directions_key: Optional[tuple[int, int]] = None  # (seed, step) that `_step_directions` holds
+        self._perturbed_buffers: dict[int, torch.Tensor] = {}  # eager mode: θ ± εz during a pass, by tensor index
         self._warned_nonfinite = False
         self.state["zo"] = {
             "seed": int(seed),
@@ -333,7 +344,12 @@ class ZOSGD(torch.optim.Optimizer):
             self._param_index[p] = len(self._param_index)
         lazy: list[tuple[nn.Module, list[tuple[int, torch.Tensor]]]] = []
         assigned: set[int] = set()
-        if self.perturbation == "auto":
+        extra_bytes = 2 * sum(p.numel() * p.element_size() for p in self._param_index)
+        self.mode = self.perturbation
+        if self.mode == "auto":
+            self.mode = "eager" if extra_bytes <= EAGER_MAX_BYTES else "lazy"
+        self._step_directions, self._directions_key, self._perturbed_buffers = {}, None, {}
+        if self.mode == "lazy":
             for module in self.model.modules():
                 if not isinstance(module, MaZOLayer):
                     continue
@@ -380,10 +396,33 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError("No step has been taken yet; pass step=0 for the direction of the first step.")
         return [self._direction(step, self._param_index[p], p) for p in self._params()]
 
+    def _directions_of_step(self, step: int) -> dict[int, torch.Tensor]:
+        """Eager mode: z of every trainable tensor at `step`, drawn once into buffers reused from step to step (the
+        same numbers as `_direction`: `normal_` on a generator seeded with `tensor_seed`)."""
+        key = (int(self.state["zo"]["seed"]), step)
+        if self._directions_key != key:
+            self._directions_key = None  # invalid while being refilled (an exception leaves no half-filled step)
+            for param, index in self._param_index.items():
+                buffer = self._step_directions.get(index)
+                if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+                    buffer = self._step_directions[index] = torch.empty_like(
+                        param, memory_format=torch.contiguous_format
+                    )
+                generator = self._generator(param.device)
+                generator.manual_seed(tensor_seed(key[0], step, index))
+                buffer.normal_(generator=generator)
+            self._directions_key = key
+        return self._step_directions
+
     @contextlib.contextmanager
     def _perturbed(self, step: int, scale: float) -> Iterator[None]:
-        """Within the context, every trainable tensor reads as `θ + scale · z` (lazily per MaZO layer, see module
-        docstring); θ itself is never written, and every tensor points at its original storage again on exit."""
+        """Within the context, every trainable tensor reads as `θ + scale · z` (lazily per MaZO layer, or for the whole
+        pass, see module docstring); θ itself is never written, and every tensor points at its original storage again
+        on exit."""
+        if self.mode == "eager":
+            with self._perturbed_eagerly(step, scale):
+                yield
+            return
         originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         depth: dict[int, int] = {}
 
@@ -427,6 +466,37 @@ class ZOSGD(torch.optim.Optimizer):
             for param, original in originals.values():
                 param.data = original
             originals.clear()
+
+    def _perturbed_buffer(self, index: int, param: torch.Tensor) -> torch.Tensor:
+        """Eager mode: where tensor `index` holds θ ± εz during a pass. Allocated once and reused, so the perturbed
+        model reads the same addresses in every pass (what a CUDA graph of the forward needs)."""
+        buffer = self._perturbed_buffers.get(index)
+        if (
+            buffer is None
+            or buffer.shape != param.shape
+            or buffer.dtype != param.dtype
+            or buffer.device != param.device
+        ):
+            buffer = self._perturbed_buffers[index] = torch.empty_like(param, memory_format=torch.contiguous_format)
+        return buffer
+
+    @contextlib.contextmanager
+    def _perturbed_eagerly(self, step: int, scale: float) -> Iterator[None]:
+        """Every trainable tensor reads as `θ + scale · z` for the whole context: one multi-tensor add builds the
+        perturbed copies, and the parameters point at them until the context ends."""
+        directions = self._directions_of_step(step)
+        params = list(self._param_index)
+        originals = [p.data for p in params]
+        perturbed = [self._perturbed_buffer(index, p) for p, index in self._param_index.items()]
+        torch._foreach_copy_(perturbed, originals)
+        torch._foreach_add_(perturbed, [directions[self._param_index[p]] for p in params], alpha=scale)
+        try:
+            for param, copy in zip(params, perturbed, strict=True):
+                param.data = copy
+            yield
+        finally:
+            for param, original in zip(params, originals, strict=True):
+                param.data = original
 
     # ----------------------------------------------------------------------------------------------------------------
     # the step
@@ -547,12 +617,25 @@ class ZOSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply_update(self, step: int, projected_grad: float) -> None:
-        """Regenerate z tensor by tensor and apply the update of every param group."""
+        """Apply the update of every param group with the step's z (kept in eager mode, regenerated in lazy mode).
+
+        Plain SGD in eager mode is two multi-tensor operations per group; momentum, lazy mode or an overridden
+        `_update_param` go tensor by tensor through `_update_param`."""
+        eager = self.mode == "eager"
+        directions = self._directions_of_step(step) if eager else None
         for group in self.param_groups:
             if group["lr"] == 0.0 and group["momentum"] == 0.0:
                 continue  # nothing can change: skip (lr = 0 leaves θ bit-for-bit as it was)
-            for param in group["params"]:
-                direction = self._direction(step, self._param_index[param], param)
+            params = group["params"]
+            if eager and group["momentum"] == 0.0 and type(self)._update_param is _PLAIN_UPDATE:
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                zs = [directions[self._param_index[p]] for p in params]
+                torch._foreach_add_(params, zs, alpha=-group["lr"] * projected_grad)
+                continue
+            for param in params:
+                index = self._param_index[param]
+                direction = directions[index].clone() if eager else self._direction(step, index, param)
                 self._update_param(param, direction, projected_grad, group, self.state[param])
 
     def _update_param(
@@ -620,6 +703,10 @@ class ZOSGD(torch.optim.Optimizer):
             if isinstance(key, torch.Tensor):  # own the loaded buffers (torch may alias the caller's tensors)
                 self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
         self.weighting.load_state_dict(zo.get("weighting", {}))
+        self._directions_key = None
+
+
+_PLAIN_UPDATE = ZOSGD._update_param  # the multi-tensor update applies only while this rule is the one in use
 
 
 def _as_param_list(params: Any) -> list[Any]:

@@ -1,0 +1,164 @@
+"""`CUDAGraphLosses`: the packed multi-task losses replayed from CUDA graphs, for ZO steps without launch overhead.
+
+On a small model a forward is bound by Python and kernel launches, not by the GPU: SmolLM2-135M's packed forward of
+eight tasks launches ~1,800 kernels. A CUDA graph records them once and replays them as one launch. A graph replays
+exactly what it recorded: the same shapes, the same memory and the same Python decisions. So:
+
+- shapes: each packed step is padded to bucket sizes (`packing.bucket_sizes` / `pad_packed`), one graph per bucket,
+  the least recently used dropped beyond `max_graphs` (all graphs share one memory pool);
+- memory: a graph reads the trainable tensors where they were at capture. `ZOSGD`'s eager perturbation keeps θ ± εz
+  in buffers that stay in place from step to step, so one graph serves the + and - passes of every step. The graph of
+  a bucket is keyed by the address of every parameter and buffer of the model and by its adapters' state (active,
+  merged, disabled, train/eval): any change (another perturbation mode, a merge, a moved model) captures anew instead
+  of replaying a stale recording;
+- decisions: the attention mask is built on the device from `position_ids` (`packing.block_causal_bias`) rather
+  than by transformers' packed-sequence detection, which syncs with the host; and it falls back to the plain
+  `packed_losses` (no graph) whenever replaying could be wrong: not on CUDA, gradients enabled, forward hooks on the
+  model (e.g. `ZOSGD(perturbation="lazy")`, whose per-layer hooks draw z), attention other than sdpa/eager.
+
+The losses are those of `packed_losses` on the same batch up to floating-point rounding (padding changes the shapes
+of the kernels).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .packing import PackedBatch, bucket_sizes, packed_losses, pad_packed, supports_packing
+
+
+_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class _Recording:
+    graph: torch.cuda.CUDAGraph
+    inputs: PackedBatch  # the static input tensors the graph reads
+    output: torch.Tensor  # (T + 1,) losses the graph writes
+
+
+def _tensor_fields(packed: PackedBatch) -> list[torch.Tensor]:
+    return [getattr(packed, f.name) for f in fields(packed) if isinstance(getattr(packed, f.name), torch.Tensor)]
+
+
+class CUDAGraphLosses:
+    """`packed_losses(model, packed)` from CUDA graphs where that is safe, else computed directly.
+
+    Example:
+
+        ```py
+        >>> losses_of = CUDAGraphLosses(model)
+        >>> packed = pack_batches(next(steps))
+        >>> loss = opt.step(lambda: losses_of(packed))  # ZOSGD(model) on CUDA: both passes replay one graph
+        ```
+
+    Args:
+        model (`torch.nn.Module`): the causal LM (a `PeftModel` with a MaZO adapter, typically).
+        max_graphs (`int`): graphs kept (one per bucket of step sizes).
+
+    Attributes:
+        captures, replays, direct_calls (`int`): how often a graph was recorded, replayed, or not used.
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 8) -> None:
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}.")
+        self.model = model
+        self.max_graphs = max_graphs
+        self._recordings: OrderedDict[tuple, _Recording] = OrderedDict()
+        self._pool: Any = None
+        self._staged: list = []  # one entry: (packed, sizes, padded batch on the device)
+        self.captures = self.replays = self.direct_calls = 0
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        embeddings = self.model.get_input_embeddings().weight
+        return embeddings.device, embeddings.dtype
+
+    def graphs_apply(self) -> bool:
+        """Whether a graph can be replayed for the model as it is now (see the module docstring)."""
+        device, _ = self._device_and_dtype()
+        if device.type != "cuda" or torch.is_grad_enabled():
+            return False
+        implementation = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if implementation not in _MASK_IMPLEMENTATIONS:
+            return False
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules()):
+            return False
+        return supports_packing(self.model)
+
+    def _state_key(self) -> tuple:
+        """Everything a recording depends on besides the shapes: tensor addresses and adapter switches."""
+        addresses = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
+            t.data_ptr() for t in self.model.buffers()
+        )
+        switches = tuple(
+            (bool(m.merged), bool(m.disable_adapters), tuple(m.active_adapters))
+            for m in self.model.modules()
+            if hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")
+        )
+        return addresses, switches, self.model.training
+
+    def _stage(self, packed: PackedBatch, device: torch.device) -> tuple[tuple[int, ...], PackedBatch]:
+        """`packed` padded to its bucket and on the device; kept for the next call (the - pass of the same step)."""
+        if self._staged and self._staged[0][0] is packed:
+            return self._staged[0][1], self._staged[0][2]
+        sizes = bucket_sizes(packed)
+        staged = pad_packed(packed.to("cpu"), sizes).to(device)
+        self._staged[:] = [(packed, sizes, staged)]
+        return sizes, staged
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, packed: PackedBatch) -> torch.Tensor:
+        """The (T,) float32 losses of `packed` (see `packing.packed_losses`)."""
+        if not isinstance(packed, PackedBatch):
+            raise TypeError(f"CUDAGraphLosses takes a PackedBatch (pack_batches(...)), got {type(packed).__name__}.")
+        device, dtype = self._device_and_dtype()
+        num_tasks = len(packed.tasks)
+        if not self.graphs_apply():
+            self.direct_calls += 1
+            return packed_losses(self.model, packed.to(device))[:num_tasks]
+        sizes, staged = self._stage(packed, device)
+        key = (sizes, self._state_key())
+        recording = self._recordings.get(key)
+        if recording is None:
+            recording = self._record(key, staged, dtype)
+        else:
+            self._recordings.move_to_end(key)
+            torch._foreach_copy_(_tensor_fields(recording.inputs), _tensor_fields(staged))
+            recording.graph.replay()
+            self.replays += 1
+        return recording.output[:num_tasks].clone()
+
+    def _record(self, key: tuple, staged: PackedBatch, dtype: torch.dtype) -> _Recording:
+        inputs = PackedBatch(
+            **{
+                f.name: getattr(staged, f.name).clone()
+                if isinstance(getattr(staged, f.name), torch.Tensor)
+                else getattr(staged, f.name)
+                for f in fields(staged)
+            }
+        )
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, creates library handles, outside the recording
+            packed_losses(self.model, inputs, explicit_mask_dtype=dtype)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = packed_losses(self.model, inputs, explicit_mask_dtype=dtype)
+        self._pool = graph.pool()
+        graph.replay()
+        self.captures += 1
+        recording = self._recordings[key] = _Recording(graph, inputs, output)
+        while len(self._recordings) > self.max_graphs:
+            self._recordings.popitem(last=False)
+        return recording
