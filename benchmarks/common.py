@@ -106,3 +106,26 @@ class Meter:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+def quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace every `nn.Linear` of the decoder layers by a bitsandbytes nf4 `Linear4bit` (on the layer's device),
+    as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` would; the LM head stays as it is.
+
+    Returns the number of layers quantized."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or ".layers." not in name:
+            continue
+        quantized = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
+            quant_type="nf4", device="meta",
+        )  # fmt: skip
+        weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+        quantized.weight = weight.to(module.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, quantized.requires_grad_(False))
+        count += 1
+    return count

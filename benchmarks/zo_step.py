@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter, random_llama  # noqa: E402  (benchmarks/common.py)
+from common import Meter, quantize_linears_nf4, random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -50,11 +50,12 @@ from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
 
 
 ALL_CONFIGS = ("forward", "mazo_dense", "mazo_lora", "mazo_lora_tf32", "mezo_full", "mezo_peft_lora")
-TARGETS = {  # the targets
-    "mazo_dense_step_vs_two_forwards": 1.10,
-    "mazo_lora_step_vs_two_forwards": 1.20,
-    "mazo_dense_peak_vs_forward_peak": 1.22,
-    "mazo_lora_peak_vs_forward_peak": 1.10,
+TARGETS = {  # the step-throughput issue's targets (bf16 base; nf4: LoRA step <= 1.15 at 16 x 512, 1.3 at 1 x 512)
+    "mazo_dense_step_vs_two_forwards": 1.05,
+    "mazo_lora_step_vs_two_forwards": 1.10,
+    "mazo_lora_adapter_forward_vs_forward": 1.08,
+    "mazo_dense_peak_vs_forward_peak": 1.17,
+    "mazo_lora_peak_vs_forward_peak": 1.08,
 }
 GIB = 2**30
 
@@ -74,6 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
         "--no-cache", action="store_true", help="forward with use_cache=False (default: the model's default, True)"
+    )
+    parser.add_argument(
+        "--nf4", action="store_true", help="quantize the decoder linears to bitsandbytes nf4 (bf16 compute)"
     )
     parser.add_argument("--dense-sparsity", type=float, default=0.9)
     parser.add_argument("--lora-sparsity", type=float, default=0.8)
@@ -286,6 +290,16 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {key}: {ratios[key]:.3f} ({'met' if ratios[key] <= target else 'NOT met'}, target {target})")
 
 
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
@@ -303,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, seq_len=args.seq_len,
         dtype=args.dtype, seed=args.seed, use_cache=not args.no_cache,
     )  # fmt: skip
+    if args.nf4:
+        print(f"[zo_step] quantized {quantize_linears_nf4(base)} linear layers to nf4", flush=True)
+        meter.free()
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
     batch = {"input_ids": ids, "labels": ids}
@@ -352,8 +369,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "dtype": args.dtype,
+            "nf4_linears": args.nf4,
             "use_cache": not args.no_cache,
         },
+        "git_commit": _git_commit(),
+        "command": " ".join(["zo_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "eps": args.eps, "seed": args.seed},
         "targets": TARGETS,
         "results": results,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .packing import PackedBatch, bucket_sizes, packed_losses, pad_packed, supports_packing
@@ -73,6 +74,9 @@ class CUDAGraphLosses:
         self._recordings: OrderedDict[tuple, _Recording] = OrderedDict()
         self._pool: Any = None
         self._staged: list = []  # one entry: (packed, sizes, padded batch on the device)
+        self._modules: list[nn.Module] | None = None
+        self._tensors: list[torch.Tensor] = []
+        self._tuner_layers: list[BaseTunerLayer] = []
         self.captures = self.replays = self.direct_calls = 0
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -80,8 +84,24 @@ class CUDAGraphLosses:
         embeddings = self.model.get_input_embeddings().weight
         return embeddings.device, embeddings.dtype
 
-    def graphs_apply(self) -> bool:
-        """Whether a graph can be replayed for the model as it is now (see the module docstring)."""
+    def _survey(self) -> None:
+        """Walk the model once: its modules (for hooks), tensors (for addresses) and tuner layers (for switches)."""
+        modules, tensors, seen, stack = [], [], set(), [self.model]
+        while stack:  # `modules()` / `parameters()` / `buffers()` in one plain walk: a few ms less per step
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            modules.append(module)
+            tensors.extend(t for t in module._parameters.values() if t is not None)
+            tensors.extend(t for t in module._buffers.values() if t is not None)
+            stack.extend(m for m in module._modules.values() if m is not None)
+        self._modules, self._tensors = modules, tensors
+        self._tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+
+    def graphs_apply(self, survey: bool = True) -> bool:
+        """Whether a graph can be replayed for the model as it is now (see the module docstring). `survey=False`
+        reuses the last walk over the model (the second pass of a step)."""
         device, _ = self._device_and_dtype()
         if device.type != "cuda" or torch.is_grad_enabled():
             return False
@@ -90,19 +110,17 @@ class CUDAGraphLosses:
             return False
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules()):
+        if survey or self._modules is None:
+            self._survey()
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._modules):
             return False
         return supports_packing(self.model)
 
     def _state_key(self) -> tuple:
         """Everything a recording depends on besides the shapes: tensor addresses and adapter switches."""
-        addresses = tuple(t.data_ptr() for t in self.model.parameters()) + tuple(
-            t.data_ptr() for t in self.model.buffers()
-        )
+        addresses = tuple(t.data_ptr() for t in self._tensors)
         switches = tuple(
-            (bool(m.merged), bool(m.disable_adapters), tuple(m.active_adapters))
-            for m in self.model.modules()
-            if hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")
+            (tuple(m.merged_adapters), m._disable_adapters, str(m._active_adapter)) for m in self._tuner_layers
         )
         return addresses, switches, self.model.training
 
@@ -123,7 +141,8 @@ class CUDAGraphLosses:
             raise TypeError(f"CUDAGraphLosses takes a PackedBatch (pack_batches(...)), got {type(packed).__name__}.")
         device, dtype = self._device_and_dtype()
         num_tasks = len(packed.tasks)
-        if not self.graphs_apply():
+        new_step = not (self._staged and self._staged[0][0] is packed)  # a step's second pass: no new walk
+        if not self.graphs_apply(survey=new_step):
             self.direct_calls += 1
             return packed_losses(self.model, packed.to(device))[:num_tasks]
         sizes, staged = self._stage(packed, device)

@@ -416,13 +416,9 @@ class ZOSGD(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def _perturbed(self, step: int, scale: float) -> Iterator[None]:
-        """Within the context, every trainable tensor reads as `θ + scale · z` (lazily per MaZO layer, or for the whole
-        pass, see module docstring); θ itself is never written, and every tensor points at its original storage again
-        on exit."""
-        if self.mode == "eager":
-            with self._perturbed_eagerly(step, scale):
-                yield
-            return
+        """Lazy mode: within the context, every trainable tensor reads as `θ + scale · z` (per MaZO layer inside its
+        forward, see module docstring); θ itself is never written, and every tensor points at its original storage
+        again on exit."""
         originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         depth: dict[int, int] = {}
 
@@ -481,19 +477,36 @@ class ZOSGD(torch.optim.Optimizer):
         return buffer
 
     @contextlib.contextmanager
-    def _perturbed_eagerly(self, step: int, scale: float) -> Iterator[None]:
-        """Every trainable tensor reads as `θ + scale · z` for the whole context: one multi-tensor add builds the
-        perturbed copies, and the parameters point at them until the context ends."""
+    def _passes(self, step: int) -> Iterator[Callable[[float], None]]:
+        """The context of a step's forward passes; it yields `set_scale(scale)`, after which every trainable tensor
+        reads as `θ + scale · z`.
+
+        Eager mode: the parameters point at the perturbation buffers for the whole context (swapped once per step, not
+        per pass), and `set_scale` refills them with two multi-tensor operations. Lazy mode: `set_scale` (re)registers
+        the per-layer hooks of `_perturbed`. Either way θ itself is never written and is restored on exit."""
+        if self.mode != "eager":
+            with contextlib.ExitStack() as stack:
+
+                def set_lazy_scale(scale: float) -> None:
+                    stack.close()
+                    stack.enter_context(self._perturbed(step, scale))
+
+                yield set_lazy_scale
+            return
         directions = self._directions_of_step(step)
         params = list(self._param_index)
         originals = [p.data for p in params]
-        perturbed = [self._perturbed_buffer(index, p) for p, index in self._param_index.items()]
-        torch._foreach_copy_(perturbed, originals)
-        torch._foreach_add_(perturbed, [directions[self._param_index[p]] for p in params], alpha=scale)
+        buffers = [self._perturbed_buffer(index, p) for p, index in self._param_index.items()]
+        zs = [directions[index] for index in self._param_index.values()]
+
+        def set_scale(scale: float) -> None:
+            torch._foreach_copy_(buffers, originals)
+            torch._foreach_add_(buffers, zs, alpha=scale)
+
         try:
-            for param, copy in zip(params, perturbed, strict=True):
-                param.data = copy
-            yield
+            for param, buffer in zip(params, buffers, strict=True):
+                param.data = buffer
+            yield set_scale
         finally:
             for param, original in zip(params, originals, strict=True):
                 param.data = original
@@ -534,9 +547,10 @@ class ZOSGD(torch.optim.Optimizer):
         zo = self.state["zo"]
         step, eps = int(zo["step"]), float(zo["eps"])
 
-        with self._perturbed(step, eps):
+        with self._passes(step) as set_scale:
+            set_scale(eps)
             plus = [_loss_vector(c()) for c in closures]
-        with self._perturbed(step, -eps):
+            set_scale(-eps)
             minus = [_loss_vector(c()) for c in closures]
         losses_plus, losses_minus = self._mean_losses(plus), self._mean_losses(minus)
         if losses_plus.numel() != losses_minus.numel():
