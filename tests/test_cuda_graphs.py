@@ -53,7 +53,7 @@ def test_graphed_steps_equal_direct_steps(packed_steps, r):
     (direct_losses, direct_params), (graph_losses, graph_params) = results
     torch.testing.assert_close(graph_losses, direct_losses, rtol=1e-4, atol=1e-5)
     for a, b in zip(graph_params, direct_params, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # ĝ = ΔL / 2ε magnifies rounding differences
 
 
 def test_lr_zero_graphed_steps_leave_every_tensor_bit_for_bit(packed_steps):
