@@ -682,7 +682,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     from tqdm.auto import tqdm
 
     from .config import MaZOConfig
-    from .tasks import MultiTaskSampler, calibration_loaders, multitask_losses
+    from .tasks import MultiTaskSampler, calibration_loaders, multitask_losses, supports_packing
     from .tasks.graphs import CUDAGraphLosses
     from .zo import ZOSGD
     from .zo.weighting import make_weighting
@@ -728,19 +728,19 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     elif log_path.exists():
         log_path.unlink()
 
-    steps = sampler.encoded(tokenizer, max_length=config.max_length)
     on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
     graphed = CUDAGraphLosses(model) if config.cuda_graphs and on_gpu else None
+    steps = _prefetched_steps(sampler, tokenizer, config.max_length, pack=supports_packing(model))
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=method.name)
     with open(log_path, "a") as log:
         for step in progress:
             if val_batches is not None and step % config.coba_every == 0:
                 weighting.observe_validation(step, multitask_losses(model, val_batches))
-            batches = next(steps)
+            batches, packed, sampler_state = next(steps)
             started = time.time()
             stopped = False
             try:
-                loss = optimizer.step(_step_closure(model, batches, graphed))
+                loss = optimizer.step(_step_closure(model, batches, packed, graphed))
             except RuntimeError:
                 if max_skips is None or optimizer.state["zo"]["consecutive_skips"] < max_skips:
                     raise
@@ -765,7 +765,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
                 raise RunFailed(_nonfinite_message(step + 1, max_skips, out))
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-                state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "step": step + 1}
+                state = {"optimizer": optimizer.state_dict(), "sampler": sampler_state, "step": step + 1}
                 save_checkpoint(out, step + 1, model, state, run_config=run_settings)
             if on_step is not None:
                 on_step(step + 1, record)
@@ -777,15 +777,36 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     return model, int(optimizer.state["zo"]["skipped_steps"])
 
 
-def _step_closure(model, batches, graphed):
+def _prefetched_steps(sampler, tokenizer, max_length: int, pack: bool):
+    """The sampler's steps as `(batches, packed or None, sampler state after the step)`, each tokenized and packed
+    in a background thread while the step before it trains (tokenizers release the GIL; the ZO step mostly waits on
+    the GPU). The state saved with a checkpoint is the one after the step it follows, not after the prefetched one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .tasks import pack_batches
+
+    encoded = sampler.encoded(tokenizer, max_length=max_length)
+
+    def produce():
+        batches = next(encoded)
+        return batches, pack_batches(batches) if pack else None, sampler.state_dict()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mazo-prefetch") as pool:
+        upcoming = pool.submit(produce)
+        while True:
+            ready = upcoming.result()
+            upcoming = pool.submit(produce)
+            yield ready
+
+
+def _step_closure(model, batches, packed, graphed):
     """The step's closure: all tasks in one packed forward (replayed from a CUDA graph where `graphed` can), else
     `multitask_losses` (one forward per task for a model that does not keep packed sequences apart)."""
-    from .tasks import multitask_losses, pack_batches, supports_packing
+    from .tasks import multitask_losses
 
-    if graphed is not None and supports_packing(model):
-        packed = pack_batches(batches)
+    if packed is not None and graphed is not None:
         return lambda: graphed(packed)
-    return lambda: multitask_losses(model, batches)
+    return lambda: multitask_losses(model, packed if packed is not None else batches)
 
 
 def _nonfinite_message(step: int, max_skips: int, out: Path) -> str:

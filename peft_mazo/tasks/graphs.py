@@ -4,8 +4,10 @@ On a small model a forward is bound by Python and kernel launches, not by the GP
 eight tasks launches ~1,800 kernels. A CUDA graph records them once and replays them as one launch. A graph replays
 exactly what it recorded: the same shapes, the same memory and the same Python decisions. So:
 
-- shapes: each packed step is padded to bucket sizes (`packing.bucket_sizes` / `pad_packed`), one graph per bucket,
-  the least recently used dropped beyond `max_graphs` (all graphs share one memory pool);
+- shapes: each packed step is padded (`packing.pad_packed`) to the sizes of the smallest recording that holds it; a
+  step that fits none is recorded at the elementwise largest sizes seen so far (`packing.bucket_sizes`, rounded up),
+  so that after a few steps one recording serves nearly every step. The least recently used recordings are dropped
+  beyond `max_graphs`; all share one memory pool;
 - memory: a graph reads the trainable tensors where they were at capture. `ZOSGD`'s eager perturbation keeps θ ± εz
   in buffers that stay in place from step to step, so one graph serves the + and - passes of every step. The graph of
   a bucket is keyed by the address of every parameter and buffer of the model and by its adapters' state (active,
@@ -124,14 +126,25 @@ class CUDAGraphLosses:
         )
         return addresses, switches, self.model.training
 
-    def _stage(self, packed: PackedBatch, device: torch.device) -> tuple[tuple[int, ...], PackedBatch]:
-        """`packed` padded to its bucket and on the device; kept for the next call (the - pass of the same step)."""
-        if self._staged and self._staged[0][0] is packed:
-            return self._staged[0][1], self._staged[0][2]
-        sizes = bucket_sizes(packed)
+    def _stage(self, packed: PackedBatch, sizes: tuple[int, ...], device: torch.device) -> PackedBatch:
+        """`packed` padded to `sizes` and on the device; kept for the next call (the - pass of the same step)."""
+        if self._staged and self._staged[0][0] is packed and self._staged[0][1] == sizes:
+            return self._staged[0][2]
         staged = pad_packed(packed.to("cpu"), sizes).to(device)
         self._staged[:] = [(packed, sizes, staged)]
-        return sizes, staged
+        return staged
+
+    def _fitting(self, needed: tuple[int, ...], state: tuple) -> tuple | None:
+        """The key of the smallest recording for `state` whose sizes hold a batch of sizes `needed`: later steps
+        replay an earlier, larger recording rather than record one for every small difference in shape."""
+        fits = [
+            key
+            for key in self._recordings
+            if key[1] == state
+            and key[0][-1] == needed[-1]
+            and all(a >= b for a, b in zip(key[0], needed, strict=True))
+        ]
+        return min(fits, key=lambda key: (key[0][0] * key[0][1], key[0])) if fits else None
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,14 +158,18 @@ class CUDAGraphLosses:
         if not self.graphs_apply(survey=new_step):
             self.direct_calls += 1
             return packed_losses(self.model, packed.to(device))[:num_tasks]
-        sizes, staged = self._stage(packed, device)
-        key = (sizes, self._state_key())
-        recording = self._recordings.get(key)
-        if recording is None:
-            recording = self._record(key, staged, dtype)
+        state = self._state_key()
+        key = self._fitting(bucket_sizes(packed), state)
+        if key is None:  # record for the largest sizes seen so far, so that the steps to come fit it
+            sizes = bucket_sizes(packed)
+            for other, _ in (k for k in self._recordings if k[1] == state and k[0][-1] == sizes[-1]):
+                sizes = tuple(max(a, b) for a, b in zip(sizes, other, strict=True))
+            key = (sizes, state)
+            recording = self._record(key, self._stage(packed, key[0], device), dtype)
         else:
+            recording = self._recordings[key]
             self._recordings.move_to_end(key)
-            torch._foreach_copy_(_tensor_fields(recording.inputs), _tensor_fields(staged))
+            torch._foreach_copy_(_tensor_fields(recording.inputs), _tensor_fields(self._stage(packed, key[0], device)))
             recording.graph.replay()
             self.replays += 1
         return recording.output[:num_tasks].clone()
