@@ -290,6 +290,15 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {key}: {ratios[key]:.3f} ({'met' if ratios[key] <= target else 'NOT met'}, target {target})")
 
 
+def _version_of(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _git_commit() -> Optional[str]:
     import subprocess
 
@@ -358,6 +367,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "peft_mazo": peft_mazo.__version__,
+            "bitsandbytes": _version_of("bitsandbytes"),
         },
         "shape": {
             "hidden_size": args.hidden_size,

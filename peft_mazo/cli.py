@@ -36,8 +36,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", required=True, type=_tasks, help="comma-separated, e.g. sst2,boolq,copa")
     parser.add_argument("--data-dir", help="directory of <task>/{train,validation}.jsonl; default: the HF hub")
     parser.add_argument("--out", required=True, help="run directory (results.json, logs, checkpoints)")
-    parser.add_argument("--n-train", type=_optional_int, default=500, help="training examples per task ('all')")
-    parser.add_argument("--n-val", type=int, default=250, help="validation examples per task (from the train file)")
     parser.add_argument("--n-test", type=_optional_int, default=500, help="test examples per task ('all')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=16)
@@ -50,9 +48,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mazo", description="Masked zeroth-order multi-task fine-tuning (MaZO).")
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
 
-    train = commands.add_parser("train", help="fine-tune on several tasks and evaluate before and after")
+    train = commands.add_parser(
+        "train", help="fine-tune on several tasks and evaluate before and after", formatter_class=defaults
+    )
     _add_common(train)
+    train.add_argument("--n-train", type=_optional_int, default=500, help="training examples per task ('all')")
+    train.add_argument("--n-val", type=int, default=250, help="validation examples per task (from the train file)")
     train.add_argument("--method", default="mazo-lora", choices=list(METHODS), help="see `mazo methods`")
     train.add_argument("--steps", type=int, default=1000, help="ZO steps (each: two forward passes)")
     train.add_argument("--lr", type=float, help="learning rate (default: the method's, 1e-6 dense / 3e-4 LoRA)")
@@ -66,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-eval-before", action="store_true", help="skip the zero-shot evaluation")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     train.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (default: refuse a used --out)"
+    )
+    train.add_argument("--coba-every", type=int, default=4, help="CoBa: steps between validation-loss observations")
+    train.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="run every forward directly instead of replaying CUDA graphs of the packed step (GPU only)",
@@ -77,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many consecutive steps with a non-finite (NaN/inf) loss; 0 = never stop",
     )
 
-    evaluate = commands.add_parser("eval", help="evaluate a base model, or a saved adapter, on the test split")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a base model, or a saved adapter, on the test split", formatter_class=defaults
+    )
     _add_common(evaluate)
     evaluate.add_argument("--adapter", help="adapter directory written by save_pretrained (omit: zero-shot)")
 
@@ -120,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             config = _config(args)
             config.method = "zero-shot"
+            config.overwrite = True  # an evaluation rewrites only its results.json
             results = evaluate_adapter(config, args.adapter) if args.adapter else run(config)
     except RunError as error:
         print(f"mazo: error: {error}", file=sys.stderr)
@@ -127,6 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunFailed as error:
         print(f"mazo: run failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resume = " Continue with the same command and --resume." if args.command == "train" else ""
+        print(f"\nmazo: interrupted. Checkpoints already written in {args.out} are intact.{resume}", file=sys.stderr)
+        return 130
     _print_table(results)
     print(f"\nresults: {args.out}/results.json")
     return 0

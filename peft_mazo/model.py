@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import MaZOConfig
 from .layer import Linear, MaZOLayer
+from .quantized import quantization_kind
 
 
 class MaZOModel(BaseTuner):
@@ -107,6 +108,27 @@ class MaZOModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------------------------
     # masks
     # ----------------------------------------------------------------------------------------------------------------
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's dtype convention for adapter weights. MaZO creates its trainable state in `delta_dtype` (fp32 by
+        default, so `autocast_adapter_dtype=True` has nothing to upcast). `autocast_adapter_dtype=False` asks for the
+        adapter in the base layer's own dtype, as peft's LoRA keeps it: on a bf16/fp16 base the trainable tensors
+        become bf16/fp16 (quantized bases keep fp32: their weight has no float dtype to follow). A ZO step on such an
+        adapter loses every update smaller than half a unit in the last place of the bf16/fp16 value."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for layer in self._mazo_layers().values():
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if weight is None or quantization_kind(layer.get_base_layer()) or not weight.is_floating_point():
+                continue
+            for container_name in layer.adapter_layer_names:
+                container = getattr(layer, container_name)
+                if adapter_name in container and container[adapter_name].dtype != weight.dtype:
+                    old = container[adapter_name]
+                    container[adapter_name] = nn.Parameter(
+                        old.detach().to(weight.dtype), requires_grad=old.requires_grad
+                    )
+
     def _mazo_layers(self) -> dict[str, MaZOLayer]:
         """Adapted modules by name (names as in the base model, e.g. 'model.layers.0.self_attn.q_proj')."""
         return {name: module for name, module in self.model.named_modules() if isinstance(module, MaZOLayer)}

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +40,9 @@ RUN_CONFIG_NAME = "run_config.json"
 FREE_SPACE_MARGIN = 32 * 2**20
 # Settings a resumed run must share with its checkpoint (anything else would silently train another model).
 RESUME_FIELDS = (
+    "model",
+    "dtype",
+    "load_in_4bit",
     "tasks",
     "method",
     "seed",
@@ -93,7 +96,7 @@ class RunConfig:
     coba_every: int = 4
     max_skipped_steps: int = 10
     cuda_graphs: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
 
 
 class RunError(ValueError):
@@ -183,6 +186,11 @@ def validate(config: RunConfig) -> None:
         )
     if config.r is not None and (not _is_int(config.r) or config.r < 0):
         raise RunError(f"--r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {config.r!r}.")
+    if config.sparsity is not None and method.trains and method.adapter.get("scorer") == "none":
+        raise RunError(
+            f"--sparsity {config.sparsity}: method '{method.name}' trains every weight (no mask), so a sparsity would "
+            "be ignored. Drop --sparsity, or choose a masked method (mazo, mazo-lora, mask-random, ...)."
+        )
     if method.trains:
         try:
             MaZOConfig(**method.adapter_config(sparsity=config.sparsity, r=config.r))
@@ -207,6 +215,14 @@ def validate(config: RunConfig) -> None:
     out = Path(config.out)
     _check_writable(out)
     groups = [out / t for t in config.tasks] if method.per_task else [out]
+    if not config.resume and not config.overwrite:
+        used = [g for g in groups if (g / "results.json").exists() or latest_checkpoint(g) is not None]
+        if used:
+            raise RunError(
+                f"--out {config.out} already holds a run ({used[0]} has results or a checkpoint); starting again would "
+                "replace its adapter, checkpoints, loss log and results. Pass --resume to continue it, --overwrite to "
+                "replace it, or another --out."
+            )
     if config.resume:
         checkpoints = [c for c in (latest_checkpoint(g) for g in groups) if c is not None]
         if not checkpoints:
@@ -365,8 +381,8 @@ def _check_resume_settings(config: RunConfig, checkpoint: Path) -> None:
         changes = ", ".join(f"{name}: {saved[name]!r} -> {current[name]!r}" for name in differ)
         raise RunError(
             f"--resume: {checkpoint} was made with other settings ({changes}). Resume with the settings of that run "
-            "(only --steps, --save-every, --n-test, the evaluation and output flags may change), or pass another "
-            "--out for a new run."
+            "(the model, its dtype and quantization included; only --steps, --save-every, --n-test, the evaluation "
+            "and output flags may change), or pass another --out for a new run."
         )
 
 

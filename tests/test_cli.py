@@ -170,7 +170,7 @@ def test_eval_of_a_saved_adapter_matches_the_training_run(tiny_model_dir, tmp_pa
     eval_out = tmp_path / "eval"
     code = main(
         ["eval", "--model", str(tiny_model_dir), "--adapter", str(train_out / "adapter"), "--tasks", "sst2,copa",
-         "--data-dir", str(SHARED_DATA), "--out", str(eval_out), "--n-train", "12", "--n-val", "4", "--n-test", "6",
+         "--data-dir", str(SHARED_DATA), "--out", str(eval_out), "--n-test", "6",
          "--eval-batch-size", "8", "--max-length", "160"]
     )  # fmt: skip
     assert code == 0

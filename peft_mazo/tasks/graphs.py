@@ -4,10 +4,11 @@ On a small model a forward is bound by Python and kernel launches, not by the GP
 eight tasks launches ~1,800 kernels. A CUDA graph records them once and replays them as one launch. A graph replays
 exactly what it recorded: the same shapes, the same memory and the same Python decisions. So:
 
-- shapes: each packed step is padded (`packing.pad_packed`) to the sizes of the smallest recording that holds it; a
-  step that fits none is recorded at the elementwise largest sizes seen so far (`packing.bucket_sizes`, rounded up),
-  so that after a few steps one recording serves nearly every step. The least recently used recordings are dropped
-  beyond `max_graphs`; all share one memory pool;
+- shapes: each packed step is padded (`packing.pad_packed`) to the sizes of the smallest recording (fewest row
+  tokens) that holds it; a step that fits none is recorded with its own rows and width (`packing.bucket_sizes`,
+  rounded up: they set the compute) and the largest of the cheap sizes (logit positions, scored tokens, sequences,
+  examples) seen so far, so that after a few steps the recordings serve nearly every step. The least recently used
+  recordings are dropped beyond `max_graphs`; all share one memory pool;
 - memory: a graph reads the trainable tensors where they were at capture. `ZOSGD`'s eager perturbation keeps θ ± εz
   in buffers that stay in place from step to step, so one graph serves the + and - passes of every step. The graph of
   a bucket is keyed by the address of every parameter and buffer of the model and by its adapters' state (active,
@@ -160,10 +161,10 @@ class CUDAGraphLosses:
             return packed_losses(self.model, packed.to(device))[:num_tasks]
         state = self._state_key()
         key = self._fitting(bucket_sizes(packed), state)
-        if key is None:  # record for the largest sizes seen so far, so that the steps to come fit it
+        if key is None:  # rows and width as needed (they set the compute); the cheap sizes at the largest seen
             sizes = bucket_sizes(packed)
             for other, _ in (k for k in self._recordings if k[1] == state and k[0][-1] == sizes[-1]):
-                sizes = tuple(max(a, b) for a, b in zip(sizes, other, strict=True))
+                sizes = sizes[:2] + tuple(max(a, b) for a, b in zip(sizes[2:], other[2:], strict=True))
             key = (sizes, state)
             recording = self._record(key, self._stage(packed, key[0], device), dtype)
         else:

@@ -214,7 +214,7 @@ def bucket_sizes(packed: PackedBatch) -> tuple[int, ...]:
     rows, width = packed.input_ids.shape
     examples, candidates = packed.candidate_index.shape
     return (
-        _round_up(rows, 4),
+        _round_up(rows, 2),
         _round_up(width, 64),
         _round_up(len(packed.logit_positions), 64),
         _round_up(len(packed.target_ids), 256),
