@@ -184,7 +184,7 @@ def cli_rate(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, m
             model=str(Path(tmp) / "model"), tasks=list(args.tasks), method=method, out=str(Path(tmp) / "run"),
             data_dir=args.data_dir, steps=args.cli_steps, batch_size=args.batch_size, n_train=64, n_val=4, n_test=8,
             max_length=args.max_length, calib_batches=1, calib_batch_size=4, evaluate_before=False,
-            save_every=max(args.cli_steps // 2, 1), dtype=args.dtype, device=args.device,
+            save_every=max(args.cli_steps // 2, 1), dtype=args.dtype, device=args.device, overwrite=True,
         )  # fmt: skip
         started = time.perf_counter()
 
@@ -192,14 +192,18 @@ def cli_rate(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, m
             stamps.append(time.perf_counter())
             step_seconds.append(record["seconds"])
 
-        run(config, on_step=on_step)
+        results = run(config, on_step=on_step)
         total = time.perf_counter() - started
     measured = stamps[5:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     return {
         "method": method, "steps": args.cli_steps, "save_every": config.save_every, "steps_per_s": rate,
         "ms_per_step": 1e3 / rate, "optimizer_step_median_ms": 1e3 * statistics.median(step_seconds[5:]),
-        "wall_s": total, "note": "rate over the steps after the first 5 (sampling, logging, checkpoints included)",
+        "median_step_interval_ms": 1e3 * statistics.median(b - a for a, b in zip(measured, measured[1:], strict=False)),
+        "cuda_graphs": results.get("cuda_graphs"),
+        "wall_s": total,
+        "note": "rate over the steps after the first 5 (sampling, logging, checkpoints included); the median interval "
+        "between steps leaves out the checkpoint steps",
     }  # fmt: skip
 
 

@@ -664,6 +664,10 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, 
         results["before"].update(group_results["before"])
         results["after"].update(group_results["after"])
         results["skipped_steps"] += group_results.get("skipped_steps", 0)
+        if group_results.get("cuda_graphs"):
+            results.setdefault("cuda_graphs", {})[group[0] if method.per_task else "all"] = group_results[
+                "cuda_graphs"
+            ]
     for key in ("before", "after"):
         scores = [r["score"] for r in results[key].values()]
         results[f"average_{key}"] = sum(scores) / len(scores) if scores else None
@@ -687,8 +691,8 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     before = evaluate(model) if (config.evaluate_before or not method.trains) and not config.resume else {}
     if not method.trains:
         return {"before": before, "after": before}
-    model, skipped = _train(config, method, tasks, splits, out, model, tokenizer, on_step)
-    return {"before": before, "after": evaluate(model), "skipped_steps": skipped}
+    model, skipped, graphs = _train(config, method, tasks, splits, out, model, tokenizer, on_step)
+    return {"before": before, "after": evaluate(model), "skipped_steps": skipped, "cuda_graphs": graphs}
 
 
 def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
@@ -790,7 +794,8 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
         _save_dir_atomically(out / "adapter", model.save_pretrained)
     except OSError as error:
         raise _checkpoint_error(error, "the final adapter", out) from error
-    return model, int(optimizer.state["zo"]["skipped_steps"])
+    graphs = None if graphed is None else {"captures": graphed.captures, "replays": graphed.replays}
+    return model, int(optimizer.state["zo"]["skipped_steps"]), graphs
 
 
 def _prefetched_steps(sampler, tokenizer, max_length: int, pack: bool):
