@@ -52,7 +52,7 @@ class MaZOTrainingArguments(TrainingArguments):
     )
     zo_perturbation: str = field(
         default="auto",
-        metadata={"help": "'auto' (perturb MaZO layers inside their forward) or 'eager' (whole trainable state)."},
+        metadata={"help": "'auto' (eager for adapters up to 1 GiB of extra memory, else lazy), 'eager' or 'lazy'."},
     )
     zo_sync_check_steps: int = field(
         default=0,
