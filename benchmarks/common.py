@@ -6,9 +6,12 @@ The scripts run as `python benchmarks/<name>.py`, so this module is importable a
 from __future__ import annotations
 
 import gc
+import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -129,3 +132,23 @@ def quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype = to
         setattr(model.get_submodule(parent_name), child, quantized.requires_grad_(False))
         count += 1
     return count
+
+
+def provenance() -> dict[str, Any]:
+    """The code a result was measured with: `git_commit` (`MAZO_GIT_COMMIT` when set, else `git rev-parse HEAD`) and
+    `git_dirty` (tracked files differ from that commit). A copy of the tree on another machine may carry a stale
+    `.git`: there `git_dirty` is true, and the caller should pass `MAZO_GIT_COMMIT`."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": os.environ.get("MAZO_GIT_COMMIT") or git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }

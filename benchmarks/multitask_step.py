@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter  # noqa: E402  (benchmarks/common.py)
+from common import Meter, provenance  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -228,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "peft": peft.__version__,
             "peft_mazo": peft_mazo.__version__,
         },  # fmt: skip
-        "git_commit": _git_commit(),
+        **provenance(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "shapes": {
             "model": model_name,
@@ -276,14 +275,6 @@ def _print_row(method: str, row: dict[str, Any]) -> None:
 
 def _gib(value: Optional[int]) -> Optional[float]:
     return None if value is None else value / 2**30
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter, quantize_linears_nf4, random_llama  # noqa: E402  (benchmarks/common.py)
+from common import Meter, provenance, quantize_linears_nf4, random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -299,16 +299,6 @@ def _version_of(package: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
@@ -382,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "nf4_linears": args.nf4,
             "use_cache": not args.no_cache,
         },
-        "git_commit": _git_commit(),
+        **provenance(),
         "command": " ".join(["zo_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "eps": args.eps, "seed": args.seed},
         "targets": TARGETS,
