@@ -750,17 +750,17 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
 
     on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
     graphed = CUDAGraphLosses(model) if config.cuda_graphs and on_gpu else None
-    steps = _prefetched_steps(sampler, tokenizer, config.max_length, pack=supports_packing(model))
+    steps = _StepFeed(sampler, tokenizer, config.max_length, pack=supports_packing(model))
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=method.name)
     with open(log_path, "a") as log:
         for step in progress:
             if val_batches is not None and step % config.coba_every == 0:
                 weighting.observe_validation(step, multitask_losses(model, val_batches))
-            batches, packed, sampler_state = next(steps)
+            batches, packed, sampler_state = steps.take()
             started = time.time()
             stopped = False
             try:
-                loss = optimizer.step(_step_closure(model, batches, packed, graphed))
+                loss = optimizer.step(_step_closure(model, batches, packed, graphed, steps.prepare))
             except RuntimeError:
                 if max_skips is None or optimizer.state["zo"]["consecutive_skips"] < max_skips:
                     raise
@@ -798,36 +798,51 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     return model, int(optimizer.state["zo"]["skipped_steps"]), graphs
 
 
-def _prefetched_steps(sampler, tokenizer, max_length: int, pack: bool):
-    """The sampler's steps as `(batches, packed or None, sampler state after the step)`, each tokenized and packed
-    in a background thread while the step before it trains (tokenizers release the GIL; the ZO step mostly waits on
-    the GPU). The state saved with a checkpoint is the one after the step it follows, not after the prefetched one."""
-    from concurrent.futures import ThreadPoolExecutor
+class _StepFeed:
+    """The sampler's steps as `(batches, packed or None, sampler state after the step)`, one step ahead.
 
-    from .tasks import pack_batches
+    `prepare()` tokenizes and packs the next step. The step closure calls it right after launching its last forward,
+    so on a GPU the next step is prepared while the GPU runs the current one (no thread: nothing competes for the GIL).
+    The state saved with a checkpoint is the one after the step it follows, not after the prepared one."""
 
-    encoded = sampler.encoded(tokenizer, max_length=max_length)
+    def __init__(self, sampler, tokenizer, max_length: int, pack: bool) -> None:
+        self._encoded = sampler.encoded(tokenizer, max_length=max_length)
+        self._sampler = sampler
+        self._pack = pack
+        self._ready: Optional[tuple] = None
 
-    def produce():
-        batches = next(encoded)
-        return batches, pack_batches(batches) if pack else None, sampler.state_dict()
+    def prepare(self) -> None:
+        from .tasks import pack_batches
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mazo-prefetch") as pool:
-        upcoming = pool.submit(produce)
-        while True:
-            ready = upcoming.result()
-            upcoming = pool.submit(produce)
-            yield ready
+        if self._ready is None:
+            batches = next(self._encoded)
+            self._ready = (batches, pack_batches(batches) if self._pack else None, self._sampler.state_dict())
+
+    def take(self) -> tuple:
+        self.prepare()
+        ready, self._ready = self._ready, None
+        return ready
 
 
-def _step_closure(model, batches, packed, graphed):
+def _step_closure(model, batches, packed, graphed, after_last_pass: Callable[[], None]):
     """The step's closure: all tasks in one packed forward (replayed from a CUDA graph where `graphed` can), else
-    `multitask_losses` (one forward per task for a model that does not keep packed sequences apart)."""
+    `multitask_losses` (one forward per task for a model that does not keep packed sequences apart). Its second call
+    (the - pass) runs `after_last_pass` once the forward is launched, before the losses are read."""
     from .tasks import multitask_losses
 
-    if packed is not None and graphed is not None:
-        return lambda: graphed(packed)
-    return lambda: multitask_losses(model, packed if packed is not None else batches)
+    calls = []
+
+    def closure():
+        if packed is not None and graphed is not None:
+            losses = graphed(packed)
+        else:
+            losses = multitask_losses(model, packed if packed is not None else batches)
+        calls.append(1)
+        if len(calls) == 2:
+            after_last_pass()
+        return losses
+
+    return closure
 
 
 def _nonfinite_message(step: int, max_skips: int, out: Path) -> str:
