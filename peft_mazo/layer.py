@@ -14,6 +14,7 @@ Every adapter also stores `mazo_shape[a]` = [out, in], so that loading onto a ba
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from typing import Any, Optional
 
@@ -27,6 +28,9 @@ from . import kernels
 from . import mask as mask_ops
 from .config import MaZOConfig
 from .quantized import dense_weight, keep_standard_4bit_layout, quantization_kind, replace_quantized_weight
+
+
+_WARNED_RANKS: set[int] = set()  # LoRA ranks already warned about (r larger than a layer's rank): warn once per r
 
 
 class MaZOLayer(BaseTunerLayer):
@@ -59,6 +63,16 @@ class MaZOLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: MaZOConfig, module_key: str = "", **kwargs: Any) -> None:
         """Create adapter `adapter_name`: its trainable delta and a data-free mask (see `initial_mask_scores`)."""
         out_features, in_features = self.out_features, self.in_features
+        if config.r > min(out_features, in_features) and config.r not in _WARNED_RANKS:
+            _WARNED_RANKS.add(config.r)
+            warnings.warn(
+                f"MaZOConfig r = {config.r} exceeds the rank of layer '{module_key or adapter_name}' ({out_features} "
+                f"x {in_features}, rank at most {min(out_features, in_features)}), and maybe of others: B A cannot use "
+                "the extra rank, which only adds trainable values (and ZO noise). Use r <= the smallest adapted "
+                "layer width, or exclude the narrow layers from target_modules.",
+                UserWarning,
+                stacklevel=2,
+            )
         device = self.get_base_layer().weight.device
         dtype = config.torch_delta_dtype
         masked = config.scorer != "none"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -280,7 +280,14 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
         fix_base += f" ({config.base_model_name_or_path})"
     fix_config = "Use the adapter_config.json saved with these weights (or save the adapter again)."
     modules = dict(model.named_modules())
-    with safe_open(str(path), framework="pt") as handle:
+    try:
+        handle_context = safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors' SafetensorError: a truncated or corrupted file
+        raise ValueError(
+            f"Cannot read {path}: {error}. The adapter file is damaged or incomplete (an interrupted copy or save?): "
+            "copy it again or save the adapter again."
+        ) from None
+    with handle_context as handle:
         saved: dict[str, dict[str, str]] = {}
         for key in handle.keys():
             name, _, kind = key.rpartition(".")
@@ -292,6 +299,21 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                 f"{where} has weights for {len(missing)} module(s) that this {type(model).__name__} does not have "
                 f"(e.g. '{missing[0]}'): it was saved for a model of another architecture or depth. {fix_base}."
             )
+        targeted = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, (nn.Linear, BaseTunerLayer)) and n not in saved and check_target_module_exists(config, n)
+        ]
+        if targeted and saved:
+            raise ValueError(
+                f"{where} has no weights for {len(targeted)} layer(s) that its adapter_config.json targets (e.g. "
+                f"'{targeted[0]}'): loading it would leave their delta at zero. The file is incomplete; save the "
+                "adapter again."
+            )
+        masked = config.scorer != "none"
+        needed = (("mazo_values",) if config.r == 0 else ("mazo_A", "mazo_B")) + (
+            (("mazo_columns",) if config.r == 0 else ("mazo_bits",)) if masked else ()
+        )
         for name in [n for n in modules if n in saved]:  # in the model's order
             kinds = saved[name]
             module = modules[name]
@@ -309,7 +331,6 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                         f"{where}: '{name}' was saved for a weight of shape (out, in) = {shape}, but this base "
                         f"model's layer has shape {(out_features, in_features)}: a model of other sizes. {fix_base}."
                     )
-            masked = config.scorer != "none"
             k = mask_ops.kept_per_row(in_features, config.sparsity) if masked else in_features
             shapes = {kind: tuple(handle.get_slice(key).get_shape()) for kind, key in kinds.items()}
             if config.r == 0 and ("mazo_A" in shapes or "mazo_B" in shapes):
@@ -343,6 +364,12 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                 raise ValueError(
                     f"{where} holds a packed mask of shape {shapes['mazo_bits']} for '{name}', but the layer's shape "
                     f"{(out_features, in_features)} needs {(out_features, math.ceil(in_features / 8))}. {fix_base}."
+                )
+            absent = [kind for kind in needed if kind not in kinds]
+            if absent:
+                raise ValueError(
+                    f"{where} lacks {', '.join(absent)} of '{name}': loading it would leave that layer's delta or "
+                    "mask undefined. The file is incomplete; save the adapter again."
                 )
             mask_name = f"mask of '{name}' in {path}"
             try:

@@ -164,6 +164,10 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, name)
         if not (value is None and name != "n_val") and (not _is_int(value) or value < 0):
             raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}.")
+    if config.n_test == 0:
+        raise RunError(
+            "--n-test 0 leaves nothing to evaluate; pass at least 1 (or 'all' for the whole validation file)."
+        )
     if not _is_int(config.seed):
         raise RunError(f"--seed must be an integer, got {config.seed!r}.")
     if not _is_int(config.max_skipped_steps) or config.max_skipped_steps < 0:

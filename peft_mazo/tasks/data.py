@@ -95,10 +95,17 @@ def data_file(data_dir: str | PathLike, task: str, split: str) -> Path:
 
 
 def check_data_files(tasks: Iterable[str], data_dir: str | PathLike, splits: Iterable[str] = SPLITS) -> None:
-    """Checks that every file the tasks need exists (raises `FileNotFoundError` for the first missing one)."""
+    """Checks that every file the tasks need exists and holds at least one record (raises `FileNotFoundError` for the
+    first missing one, `ValueError` for the first empty one)."""
     for task in tasks:
         for split in splits:
-            data_file(data_dir, task, split)
+            path = data_file(data_dir, task, split)
+            with open(path, encoding="utf-8") as handle:
+                if not any(line.strip() for line in handle):
+                    raise ValueError(
+                        f"{path} holds no examples (the file is empty). Put the task's JSON Lines records in it (one "
+                        "object per line, see ../shared/data/SOURCES.md), or leave the task out of --tasks."
+                    )
 
 
 # -------------------------------------------------------------------------------------------------- record checking

@@ -139,6 +139,20 @@ def _as_closures(closure: Any) -> list[Closure]:
     )
 
 
+def _call(closure: Closure) -> Any:
+    """Run a closure; a `backward()` inside it (which fails under ZOSGD's no_grad) gets a message that says why."""
+    try:
+        return closure()
+    except RuntimeError as error:
+        if "does not require grad" not in str(error):
+            raise
+        raise RuntimeError(
+            "The closure passed to ZOSGD.step called backward(): ZOSGD closures return the loss and never call "
+            "backward (a zeroth-order step needs forward passes only, and runs them under torch.no_grad()). Return "
+            "`model(**batch).loss` without `.backward()`. The parameters were not changed."
+        ) from error
+
+
 def _loss_vector(value: Any) -> torch.Tensor:
     """The closure's return value as a detached 1-D tensor of T >= 1 losses; `ValueError` for anything else."""
     if isinstance(value, torch.Tensor):
@@ -549,9 +563,9 @@ class ZOSGD(torch.optim.Optimizer):
 
         with self._passes(step) as set_scale:
             set_scale(eps)
-            plus = [_loss_vector(c()) for c in closures]
+            plus = [_loss_vector(_call(c)) for c in closures]
             set_scale(-eps)
-            minus = [_loss_vector(c()) for c in closures]
+            minus = [_loss_vector(_call(c)) for c in closures]
         losses_plus, losses_minus = self._mean_losses(plus), self._mean_losses(minus)
         if losses_plus.numel() != losses_minus.numel():
             raise ValueError("The closure returned a different number of task losses in the + and - passes.")

@@ -1,0 +1,99 @@
+"""Inputs that used to end in a traceback from deep inside torch/safetensors, or to be silently wrong, now get an
+error (or a warning) that names the problem and the fix, before anything is changed."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import SHARED_DATA, make_tiny_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from test_tasks_helpers import make_tiny_tokenizer
+
+from peft_mazo import ZOSGD, MaZOConfig
+from peft_mazo import layer as mazo_layer
+from peft_mazo.runner import RunConfig, RunError, run
+
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def saved_adapter(tmp_path):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=8, init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_an_adapter_file_missing_a_layer_is_refused(tmp_path):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    dropped = {k: v for k, v in tensors.items() if ".layers.1.mlp.down_proj." not in k}
+    assert len(dropped) < len(tensors)
+    save_file(dropped, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no weights for 1 layer\(s\) .* 'model.layers.1.mlp.down_proj'"):
+        PeftModel.from_pretrained(make_tiny_llama(), path)
+
+
+def test_an_adapter_file_missing_one_tensor_is_refused(tmp_path):
+    path = saved_adapter(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if not k.endswith("layers.0.self_attn.q_proj.mazo_B")},
+        path / "adapter_model.safetensors",
+    )
+    with pytest.raises(ValueError, match=r"lacks mazo_B of '.*layers.0.self_attn.q_proj'"):
+        PeftModel.from_pretrained(make_tiny_llama(), path)
+
+
+def test_a_truncated_adapter_file_is_named(tmp_path):
+    path = saved_adapter(tmp_path)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"Cannot read .*adapter_model\.safetensors.* damaged or incomplete"):
+        PeftModel.from_pretrained(make_tiny_llama(), path)
+
+
+def test_a_closure_that_calls_backward_gets_told_why_and_nothing_changes():
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=0, init_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def closure():
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="never call backward"):
+        ZOSGD(model, lr=1e-2).step(closure)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_rank_beyond_the_layers_is_warned_once(monkeypatch):
+    monkeypatch.setattr(mazo_layer, "_WARNED_RANKS", set())
+    with pytest.warns(UserWarning, match=r"r = 1000 exceeds the rank of layer .* rank at most 64") as record:
+        get_peft_model(make_tiny_llama(), MaZOConfig(r=1000, sparsity=0.5))
+    assert sum("exceeds the rank" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings(record=True) as fitting:
+        warnings.simplefilter("always")
+        get_peft_model(make_tiny_llama(), MaZOConfig(r=16, sparsity=0.5))  # fits every layer: no warning
+    assert not [w for w in fitting if "exceeds the rank" in str(w.message)]
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_empty_task_file_and_zero_test_examples_are_refused_before_any_work(tmp_path):
+    model_dir = tmp_path / "model"
+    make_tiny_llama(max_position_embeddings=256).save_pretrained(model_dir)
+    make_tiny_tokenizer(pad=True).save_pretrained(model_dir)
+    data = tmp_path / "data"
+    for task in ("sst2", "copa"):
+        shutil.copytree(SHARED_DATA / task, data / task)
+    (data / "copa" / "train.jsonl").write_text("\n")
+    values = dict(model=str(model_dir), tasks=["sst2", "copa"], out=str(tmp_path / "run"), data_dir=str(data), steps=1)
+    with pytest.raises(RunError, match=r"copa/train\.jsonl holds no examples"):
+        run(RunConfig(**values))
+    shutil.copy(SHARED_DATA / "copa" / "train.jsonl", data / "copa" / "train.jsonl")
+    with pytest.raises(RunError, match=r"--n-test 0 leaves nothing to evaluate"):
+        run(RunConfig(**values, n_test=0))
+    assert not (tmp_path / "run").exists()
