@@ -28,24 +28,18 @@ from peft_mazo.kernels import (
 HAS_TRITON = importlib.util.find_spec("triton") is not None and kernels.triton_available()
 
 
-def _interpreter_works() -> bool:
-    """Whether Triton's CPU interpreter runs our kernels here (some Triton/NumPy pairs cannot, e.g. 3.6 + NumPy 2)."""
-    if not HAS_TRITON:
-        return False
-    from peft_mazo.kernels import _triton
+def _triton_version() -> tuple[int, ...]:
+    import triton
 
-    try:
-        weight = torch.randn(2, 16)
-        columns = torch.tensor([[1], [3]], dtype=torch.int16)
-        _triton.compose_dense(weight, columns, torch.randn(2, 1), interpret=True)
-    except Exception:  # noqa: BLE001 - any interpreter failure means: skip, the GPU tests still check the kernels
-        return False
-    return True
+    return tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
 
 
-INTERPRETER_WORKS = _interpreter_works()
+# Triton's CPU interpreter runs these kernels from 3.9 on (3.6 fails with NumPy 2, whatever the kernel). With such a
+# Triton installed (the test extra asks for it), an interpreter failure is a test failure, never a skip.
+INTERPRETER_WORKS = HAS_TRITON and _triton_version() >= (3, 9)
 needs_triton = pytest.mark.skipif(
-    not INTERPRETER_WORKS, reason="triton is not installed or its CPU interpreter does not run here"
+    not INTERPRETER_WORKS,
+    reason="needs triton >= 3.9, whose CPU interpreter runs the kernels (pip install -e .[test])",
 )
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 
@@ -297,7 +291,8 @@ def test_lora_kernel_cuda(masked: bool, dtype: torch.dtype) -> None:
         out = compose_lora_weight(weight, lora_B, lora_A, bits, 0.5, precision=precision)
         ref = compose_lora_weight_reference(weight, lora_B, lora_A, bits, 0.5)
         assert torch.isfinite(out).all()
-        assert rel_error(out, ref) < (1e-2 if precision == "tf32" else 3e-3)
+        # measured on an H100 (docs/performance.md): ieee 0, tf32x3 1.4e-5, tf32 8.9e-4 relative to the reference
+        assert rel_error(out, ref) < {"ieee": 1e-4, "tf32x3": 1e-4, "tf32": 3e-3}[precision]
     assert kernels.dispatch_counts["lora_triton"] == before + 3
 
 
@@ -314,9 +309,27 @@ def test_dense_kernel_cuda(index_dtype: torch.dtype) -> None:
 @needs_cuda
 def test_cuda_autograd_through_the_kernels() -> None:
     weight, lora_B, lora_A, bits, _ = lora_inputs(64, 96, 8, torch.bfloat16, True, seed=32, device="cuda")
+    probe = torch.randn(weight.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(33))
     b, a = lora_B.clone().requires_grad_(True), lora_A.clone().requires_grad_(True)
-    compose_lora_weight(weight, b, a, bits, 0.5).float().sum().backward()
+    (compose_lora_weight(weight, b, a, bits, 0.5).float() * probe).sum().backward()  # a loss that depends on W_eff
     b_ref, a_ref = lora_B.clone().requires_grad_(True), lora_A.clone().requires_grad_(True)
-    compose_lora_weight_reference(weight, b_ref, a_ref, bits, 0.5).float().sum().backward()
+    (compose_lora_weight_reference(weight, b_ref, a_ref, bits, 0.5).float() * probe).sum().backward()
     torch.testing.assert_close(b.grad, b_ref.grad)
     torch.testing.assert_close(a.grad, a_ref.grad)
+
+
+def test_a_kernel_that_raises_warns_once_and_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(kernels, "_FAILED", set())
+    calls = []
+
+    def broken() -> torch.Tensor:
+        calls.append("fast")
+        raise RuntimeError("cannot compile for this GPU")
+
+    with pytest.warns(RuntimeWarning, match=r"Triton 'lora' kernel failed \(RuntimeError: cannot compile"):
+        out = kernels._run_or_fall_back("lora", broken, lambda: torch.ones(2))
+    assert torch.equal(out, torch.ones(2)) and calls == ["fast"] and "lora" in kernels._FAILED
+    # and it is not tried again: the dispatcher checks `_FAILED` before anything else
+    monkeypatch.setattr(kernels, "kernels_enabled", lambda: pytest.fail("a failed kernel must not be tried again"))
+    weight, lora_B, lora_A, bits, _ = lora_inputs(8, 16, 2, torch.float32, True, seed=3)
+    assert not kernels._lora_kernel_applies(weight, lora_B, lora_A, bits)
