@@ -55,3 +55,26 @@ def test_coba_is_equal_during_warmup_then_favours_the_slower_task():
 def test_coba_rejects_wrong_number_of_losses():
     with pytest.raises(ValueError, match="expects 2 finite validation losses"):
         CoBaWeighting(2).observe_validation(0, [1.0, 2.0, 3.0])
+
+
+def test_famo_weights_and_logit_update_match_a_hand_computation():
+    """Two tasks, three steps, computed by hand: w ∝ softmax(ξ) / L; after step 1, d = log L(0) − log L(1) = [ln 2, 0],
+    Jᵀ d = [ln 2 / 4, −ln 2 / 4], and Adam's first step moves ξ by −lr · sign: ξ = [−0.025, 0.025]."""
+    import math
+
+    from peft_mazo.zo.weighting import FAMOWeighting
+
+    famo = FAMOWeighting(2, lr=0.025, weight_decay=0.01, epsilon=0.0)
+    steps = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]), torch.tensor([1.0, 1.0])]
+    expected_weights = [[2 / 3, 1 / 3], [0.8, 0.2]]
+    z0 = 1 / (1 + math.exp(0.05))  # softmax([-0.025, 0.025])[0]
+    expected_weights.append([z0, 1 - z0])
+    for step, losses in enumerate(steps):
+        weights = famo.weights(step, losses.double(), losses.double())
+        torch.testing.assert_close(
+            weights, torch.tensor(expected_weights[step], dtype=torch.float64), atol=1e-6, rtol=0
+        )
+        famo.update(step, losses.double(), losses.double(), torch.zeros(2), weights)
+    torch.testing.assert_close(
+        famo.logits.detach(), torch.tensor([-0.025, 0.025], dtype=torch.float64), atol=1e-6, rtol=0
+    )
