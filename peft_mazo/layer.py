@@ -49,6 +49,7 @@ class MaZOLayer(BaseTunerLayer):
         self.mazo_shape = BufferDict({}, persistent=True)
         self.mazo_k: dict[str, int] = {}
         self.mazo_scaling: dict[str, float] = {}
+        self.mazo_mask_pending: set[str] = set()  # adapters whose data-driven mask (mazo, wanda) is not computed yet
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -95,6 +96,8 @@ class MaZOLayer(BaseTunerLayer):
             self.mazo_A[adapter_name] = nn.Parameter(lora_a)
             self.mazo_B[adapter_name] = nn.Parameter(lora_b)
 
+        if config.scorer in ("mazo", "wanda"):
+            self.mazo_mask_pending.add(adapter_name)
         if masked and device.type != "meta":
             scores = self.initial_mask_scores(config, module_key)
             self._store_columns(adapter_name, mask_ops.topk_columns(scores, k))
@@ -161,6 +164,7 @@ class MaZOLayer(BaseTunerLayer):
                 )
             self.reset_delta(adapter_name)
         self._store_columns(adapter_name, columns)
+        self.mazo_mask_pending.discard(adapter_name)
 
     def set_mask(self, adapter_name: str, mask: torch.Tensor, reset: bool = False) -> None:
         """Replace the mask of `adapter_name` by the dense (out, in) bool `mask` (exactly k ones per row)."""
@@ -236,6 +240,11 @@ class MaZOLayer(BaseTunerLayer):
         """Before loading: refuse a checkpoint made for another weight shape, another k, or with a broken mask."""
         module = prefix.rstrip(".") or "<root>"
         for adapter_name in list(self.mazo_shape.keys()):
+            if (
+                f"{prefix}mazo_columns.{adapter_name}" in state_dict
+                or f"{prefix}mazo_bits.{adapter_name}" in state_dict
+            ):
+                self.mazo_mask_pending.discard(adapter_name)  # a saved mask is being loaded
             shape_key = f"{prefix}mazo_shape.{adapter_name}"
             if shape_key in state_dict:
                 saved = tuple(int(v) for v in state_dict[shape_key].tolist())

@@ -39,6 +39,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 RUN_CONFIG_NAME = "run_config.json"
 FREE_SPACE_MARGIN = 32 * 2**20
 # Settings a resumed run must share with its checkpoint (anything else would silently train another model).
+ZERO_SHOT_NAME = "zero_shot.json"
 RESUME_FIELDS = (
     "model",
     "dtype",
@@ -692,7 +693,15 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     evaluate = lambda m: evaluate_tasks(  # noqa: E731
         m, tokenizer, test_sets, batch_size=config.eval_batch_size, max_length=config.max_length
     )
-    before = evaluate(model) if (config.evaluate_before or not method.trains) and not config.resume else {}
+    before_path = out / ZERO_SHOT_NAME  # kept so that a resumed run reports the zero-shot scores too
+    if config.resume and before_path.is_file():
+        before = json.loads(before_path.read_text())
+    elif (config.evaluate_before or not method.trains) and not config.resume:
+        before = evaluate(model)
+        if method.trains:
+            _write_text_atomically(before_path, json.dumps(before, indent=2))
+    else:
+        before = {}
     if not method.trains:
         return {"before": before, "after": before}
     model, skipped, graphs = _train(config, method, tasks, splits, out, model, tokenizer, on_step)

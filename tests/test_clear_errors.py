@@ -97,3 +97,23 @@ def test_empty_task_file_and_zero_test_examples_are_refused_before_any_work(tmp_
     with pytest.raises(RunError, match=r"--n-test 0 leaves nothing to evaluate"):
         run(RunConfig(**values, n_test=0))
     assert not (tmp_path / "run").exists()
+
+
+def pending_mask_warnings(model) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ZOSGD(model, lr=1e-3)
+    return [str(w.message) for w in caught if "has not been computed" in str(w.message)]
+
+
+def test_training_without_the_configured_data_driven_mask_is_pointed_out(tmp_path):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=4, scorer="mazo"))
+    assert pending_mask_warnings(model) and "compute_importance" in pending_mask_warnings(model)[0]
+    loader = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    model.compute_importance({"a": loader, "b": loader}, progress=False)
+    assert not pending_mask_warnings(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter", is_trainable=True)
+    assert not pending_mask_warnings(reloaded)  # the computed mask was loaded with the adapter
+    magnitude = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=4, scorer="magnitude"))
+    assert not pending_mask_warnings(magnitude)  # |W| is that scorer's mask: nothing to point out

@@ -88,3 +88,20 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     assert code == 130
     err = capsys.readouterr().err
     assert "mazo: interrupted" in err and "with the same command and --resume" in err
+
+
+def test_a_resumed_run_reports_the_zero_shot_scores_of_its_start(model_dirs, tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_step(step, record):
+        if step == 1:
+            raise Crash
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run(config(model_dirs[0], out, evaluate_before=True), on_step=crash_after_first_step)
+    resumed = run(config(model_dirs[0], out, evaluate_before=True, resume=True))
+    straight = run(config(model_dirs[0], tmp_path / "straight", evaluate_before=True))
+    assert resumed["before"] and resumed["before"] == straight["before"]
+    assert resumed["after"] == straight["after"]

@@ -303,6 +303,7 @@ class ZOSGD(torch.optim.Optimizer):
             "weighting": {},
         }
         self._plan()
+        self._warn_if_mask_pending()
         self.comm_bytes = 0
         self.distributed = _dist.is_distributed() if distributed is None else bool(distributed)
         if self.distributed:
@@ -314,6 +315,22 @@ class ZOSGD(torch.optim.Optimizer):
             shapes = [tuple(p.shape) for p in self._params()]
             _dist.assert_same_on_all_ranks(
                 (int(seed), float(eps), shapes), "ZOSGD's seed stream and trainable state (seed, eps, shapes)"
+            )
+
+    def _warn_if_mask_pending(self) -> None:
+        """Say once when an adapter meant to get a data-driven mask (scorer "mazo" or "wanda") still has the data-free
+        |W| mask it was created with: training would silently run with another mask than the one configured."""
+        pending = sorted(
+            {name for m in self.model.modules() if isinstance(m, MaZOLayer) for name in m.mazo_mask_pending}
+        )
+        if pending:
+            warnings.warn(
+                f"ZOSGD: the MaZO adapter(s) {pending} use a data-driven mask (scorer 'mazo' or 'wanda') that has not "
+                "been computed: the mask is still the data-free |W| one the adapter was created with. Call "
+                "model.compute_importance({task: loader, ...}) before training, or create the adapter with "
+                "scorer='magnitude' to train with the |W| mask on purpose.",
+                UserWarning,
+                stacklevel=3,
             )
 
     # ----------------------------------------------------------------------------------------------------------------
