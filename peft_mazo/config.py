@@ -84,13 +84,63 @@ class MaZOConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list when layers_to_transform is set, e.g. 'layers' or 'h'."},
     )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or a regex) not to adapt, as in peft's LoRA; applied after target_modules."},
+    )
+    # peft LoRA options a LoRA user passes out of habit: accepted where they mean something for MaZO, refused with the
+    # reason otherwise (see _check_lora_options)
+    init_lora_weights: Optional[bool] = field(
+        default=None, metadata={"help": "Alias of init_weights (True or False only), as in peft's LoraConfig."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Must be 0: a ZO step has no dropout."})
+    bias: str = field(default="none", metadata={"help": "Must be 'none': MaZO trains no bias."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Must be False: MaZO adapts nn.Linear layers."})
+    rank_pattern: Optional[dict] = field(default=None, metadata={"help": "Not supported (per-module ranks)."})
+    alpha_pattern: Optional[dict] = field(default=None, metadata={"help": "Not supported (per-module alphas)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_mazo_peft_type()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._check_lora_options()
         self._validate()
+
+    def _check_lora_options(self) -> None:
+        """peft LoRA options: `init_lora_weights` is an alias of `init_weights`; the others are refused unless they
+        have their neutral value, with the reason (ValueError, not a bare TypeError)."""
+        if self.init_lora_weights is not None:
+            if not isinstance(self.init_lora_weights, bool):
+                raise ValueError(
+                    f"MaZOConfig.init_lora_weights={self.init_lora_weights!r}: MaZO starts from the identity (True) or "
+                    "from a random delta (False); LoRA's other initialisations (gaussian, pissa, olora, ...) do not "
+                    "apply to a masked delta."
+                )
+            self.init_weights = self.init_lora_weights
+        if self.lora_dropout:
+            raise ValueError(
+                f"MaZOConfig.lora_dropout={self.lora_dropout}: a zeroth-order step compares two forwards of the same "
+                "batch, and dropout would make them differ by noise rather than by the perturbation. Remove it."
+            )
+        if self.bias != "none":
+            raise ValueError(
+                f"MaZOConfig.bias={self.bias!r}: MaZO trains masked weight deltas, not biases. Use bias='none' (or "
+                "modules_to_save for a module whose bias must train)."
+            )
+        if self.fan_in_fan_out:
+            raise ValueError(
+                "MaZOConfig.fan_in_fan_out=True: MaZO adapts torch.nn.Linear layers (weights stored (out, in)); "
+                "transformers' Conv1D layers (GPT-2 style, (in, out)) are not supported."
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"MaZOConfig.{name} is not supported: every adapted layer has the same r and lora_alpha. Adapt "
+                    "the layers that need another rank in a second adapter, or leave them out with exclude_modules."
+                )
 
     def _validate(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):

@@ -17,6 +17,7 @@ directory); a failure during training (a checkpoint that cannot be written, only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -25,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -649,6 +650,35 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, 
     validate(config)
     method = get_method(config.method)
     out = Path(config.out)
+    with _exclusive_run_dir(out):
+        return _run_locked(config, method, out, on_step)
+
+
+@contextlib.contextmanager
+def _exclusive_run_dir(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory (`flock` on the directory itself: no lock file is left behind,
+    and a killed run releases it) so that two runs cannot write into one `--out`. No-op where `fcntl` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"--out {out} is in use by another mazo run (it holds the directory's lock). Wait for that run to "
+                "finish, or choose another --out."
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _run_locked(config: RunConfig, method, out: Path, on_step: Optional[StepCallback]) -> dict[str, Any]:
     started = time.time()
     splits = _sample_splits(config)
     groups = [[t] for t in config.tasks] if method.per_task else [list(config.tasks)]

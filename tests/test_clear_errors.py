@@ -117,3 +117,11 @@ def test_training_without_the_configured_data_driven_mask_is_pointed_out(tmp_pat
     assert not pending_mask_warnings(reloaded)  # the computed mask was loaded with the adapter
     magnitude = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=4, scorer="magnitude"))
     assert not pending_mask_warnings(magnitude)  # |W| is that scorer's mask: nothing to point out
+
+
+def test_an_adapter_loaded_for_inference_gets_the_is_trainable_hint(tmp_path):
+    path = saved_adapter(tmp_path)
+    frozen = PeftModel.from_pretrained(make_tiny_llama(), path)
+    with pytest.raises(ValueError, match=r"loaded for inference .* is_trainable=True"):
+        ZOSGD(frozen, lr=1e-3)
+    ZOSGD(PeftModel.from_pretrained(make_tiny_llama(), path, is_trainable=True), lr=1e-3)

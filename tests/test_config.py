@@ -1,8 +1,10 @@
 """MaZOConfig validation: every bad value names the field and what is allowed."""
 
 import pytest
+from conftest import make_tiny_llama
+from peft import PeftModel, get_peft_model
 
-from peft_mazo import MaZOConfig
+from peft_mazo import MaZOConfig, MaZOLayer
 
 
 @pytest.mark.parametrize(
@@ -42,3 +44,26 @@ def test_scorer_none_warns_that_sparsity_is_ignored():
 
 def test_list_target_modules_become_a_set():
     assert MaZOConfig(target_modules=["q_proj", "v_proj"]).target_modules == {"q_proj", "v_proj"}
+
+
+def test_peft_lora_options_are_accepted_or_refused_with_the_reason(tmp_path):
+    assert MaZOConfig(r=4, init_lora_weights=False).init_weights is False  # alias of init_weights
+    for kwargs, match in [
+        (dict(lora_dropout=0.1), "dropout would make them differ"),
+        (dict(bias="all"), "not biases"),
+        (dict(fan_in_fan_out=True), "Conv1D"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern is not supported"),
+        (dict(alpha_pattern={"q_proj": 8}), "alpha_pattern is not supported"),
+        (dict(init_lora_weights="pissa"), "other initialisations"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MaZOConfig(r=4, **kwargs)
+    excluded = "model.layers.0.self_attn.q_proj"
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(r=4, init_weights=False, exclude_modules=[excluded]))
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, MaZOLayer)}
+    assert excluded not in adapted and "model.layers.0.self_attn.k_proj" in adapted
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path)  # the excluded layer is not "missing"
+    assert {n.removeprefix("base_model.model.") for n, m in reloaded.named_modules() if isinstance(m, MaZOLayer)} == (
+        adapted
+    )

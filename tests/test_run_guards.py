@@ -105,3 +105,21 @@ def test_a_resumed_run_reports_the_zero_shot_scores_of_its_start(model_dirs, tmp
     straight = run(config(model_dirs[0], tmp_path / "straight", evaluate_before=True))
     assert resumed["before"] and resumed["before"] == straight["before"]
     assert resumed["after"] == straight["after"]
+
+
+def test_two_runs_cannot_share_an_out(model_dirs, tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)  # what a running `mazo train` holds
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match=r"in use by another mazo run"):
+            run(config(model_dirs[0], out))
+        assert not list(out.iterdir())
+    finally:
+        os.close(holder)
+    run(config(model_dirs[0], out))  # free again
+    assert (out / "results.json").is_file()

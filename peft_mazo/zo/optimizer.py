@@ -275,6 +275,12 @@ class ZOSGD(torch.optim.Optimizer):
             if groups and isinstance(groups[0], dict):
                 groups = [dict(g, params=_as_param_list(g.get("params", []))) for g in groups]
                 groups = [g for g in groups if g["params"]]
+        if not groups and any(isinstance(m, MaZOLayer) for m in model.modules()):
+            raise ValueError(
+                "ZOSGD found no trainable parameters: the model holds a MaZO adapter loaded for inference "
+                "(PeftModel.from_pretrained freezes it by default). Load it with "
+                "PeftModel.from_pretrained(base, path, is_trainable=True) to train it further."
+            )
         if not groups:
             raise ValueError(
                 "ZOSGD found no trainable parameters: every parameter of the model has requires_grad=False. Wrap "
