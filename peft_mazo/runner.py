@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -238,6 +239,15 @@ def validate(config: RunConfig) -> None:
             )
         for checkpoint in checkpoints:
             _check_resume_settings(config, checkpoint)
+            try:
+                load_checkpoint_state(checkpoint)
+                _read_safetensors_header(checkpoint / "adapter_model.safetensors")
+            except Exception as error:  # noqa: BLE001 - any unreadable file: say which, before any work
+                raise RunError(
+                    f"--resume: checkpoint {checkpoint} is damaged ({type(error).__name__}: {error}); it cannot be "
+                    "resumed (older checkpoints are not kept). Start the run again with --overwrite, or restore that "
+                    "directory from a copy."
+                ) from None
     if method.trains:
         adapter_bytes = estimate_adapter_bytes(config)
         if adapter_bytes is not None:
@@ -370,6 +380,20 @@ def _check_adapter_fits(config: RunConfig, adapter: str) -> None:
         _check_saved_adapter(adapter_config, skeleton)
     except ValueError as error:
         raise RunError(f"--adapter {adapter} does not fit --model {config.model}: {error}") from None
+
+
+def load_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's `state.pt` (optimizer, sampler, step), loaded without unpickling arbitrary objects."""
+    return torch.load(Path(checkpoint) / "state.pt", weights_only=True, map_location="cpu")
+
+
+def _read_safetensors_header(path: Path) -> None:
+    """Open a safetensors file and read every tensor's header (raises for a truncated or corrupted file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            handle.get_slice(key).get_shape()
 
 
 def _resume_settings(config: RunConfig) -> dict[str, Any]:
@@ -781,9 +805,10 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
     run_settings = _resume_settings(config)
 
     log_path = out / "losses.jsonl"
+    divergence = _DivergenceWatch()
     start_step = 0
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = load_checkpoint_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
@@ -827,6 +852,7 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
             if stopped:
                 raise RunFailed(_nonfinite_message(step + 1, max_skips, out))
             progress.set_postfix(loss=f"{record['loss']:.4f}")
+            divergence.observe(step + 1, record["loss"], record["lr"])
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 state = {"optimizer": optimizer.state_dict(), "sampler": sampler_state, "step": step + 1}
                 save_checkpoint(out, step + 1, model, state, run_config=run_settings)
@@ -839,6 +865,33 @@ def _train(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
         raise _checkpoint_error(error, "the final adapter", out) from error
     graphs = None if graphed is None else {"captures": graphed.captures, "replays": graphed.replays}
     return model, int(optimizer.state["zo"]["skipped_steps"]), graphs
+
+
+class _DivergenceWatch:
+    """Warns once when the training loss grows far above where it started (a learning rate too large, typically):
+    the mean of the first `window` finite losses is the reference, and a later loss `factor` times above it warns."""
+
+    def __init__(self, window: int = 10, factor: float = 3.0) -> None:
+        self.window, self.factor = window, factor
+        self.first: list[float] = []
+        self.warned = False
+
+    def observe(self, step: int, loss: float, lr: float) -> None:
+        if self.warned or not math.isfinite(loss):
+            return
+        if len(self.first) < self.window:
+            self.first.append(loss)
+            return
+        reference = sum(self.first) / len(self.first)
+        if reference > 0 and loss > self.factor * reference:
+            self.warned = True
+            warnings.warn(
+                f"The training loss diverges: {loss:.4g} at step {step}, {loss / reference:.1f} x its mean over the "
+                f"first {self.window} steps ({reference:.4g}). The learning rate ({lr:g}) is probably too large: "
+                "stop, and start again with a smaller --lr (losses.jsonl shows the curve).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class _StepFeed:

@@ -123,3 +123,41 @@ def test_two_runs_cannot_share_an_out(model_dirs, tmp_path):
         os.close(holder)
     run(config(model_dirs[0], out))  # free again
     assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "garbage state"])
+def test_resume_from_a_damaged_checkpoint_names_it_before_any_work(model_dirs, tmp_path, damage):
+    from peft_mazo.runner import latest_checkpoint
+
+    out = tmp_path / "run"
+    run(config(model_dirs[0], out, steps=1))
+    checkpoint = latest_checkpoint(out)
+    if damage == "truncated adapter":
+        adapter = checkpoint / "adapter_model.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:-100])
+    else:
+        (checkpoint / "state.pt").write_bytes(b"not a torch file")
+    before = snapshot(out)
+    with pytest.raises(RunError, match=rf"checkpoint {checkpoint} is damaged"):
+        run(config(model_dirs[0], out, steps=2, resume=True))
+    assert snapshot(out) == before
+
+
+def test_a_diverging_loss_is_pointed_out_once(model_dirs, tmp_path, monkeypatch):
+    import torch
+
+    import peft_mazo.tasks
+
+    calls = []
+
+    def growing_losses(model, batches, *args, **kwargs):
+        calls.append(1)
+        step = len(calls) // 2
+        return torch.tensor([1.0, 1.0]) * (1.0 if step < 12 else 50.0)
+
+    monkeypatch.setattr(peft_mazo.tasks, "multitask_losses", growing_losses)
+    with pytest.warns(
+        RuntimeWarning, match=r"The training loss diverges: 25\.5 at step 12, 25\.5 x .* --lr"
+    ) as record:
+        run(config(model_dirs[0], tmp_path / "run", steps=16, save_every=16, lr=1e8))
+    assert sum("diverges" in str(w.message) for w in record) == 1
