@@ -150,6 +150,8 @@ KILL_PATCHES = {
             if "checkpoint-{checkpoint}" in str(path):
                 with open(path, "wb") as handle:
                     handle.write(b"half a file")
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, path, *args, **kwargs)
         runner.torch.save = save
@@ -206,18 +208,7 @@ def test_sigkill_in_a_forward_an_update_and_a_checkpoint_write_then_resume_gives
 
 KILL_INSIDE = {
     # SIGKILL after half of state.pt was written into the staging directory of checkpoint-4
-    "mid_write": """
-        real_save = runner.torch.save
-        def save(obj, path, *args, **kwargs):
-            if "checkpoint-4" in str(path):
-                with open(path, "wb") as handle:
-                    handle.write(b"half a file")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_save(obj, path, *args, **kwargs)
-        runner.torch.save = save
-    """,
+    "mid_write": KILL_PATCHES["checkpoint"].format(step=None, checkpoint=4),
     # SIGKILL after checkpoint-4 was renamed into place but before `latest` was switched to it
     "before_latest": """
         real_write = runner._write_text_atomically
