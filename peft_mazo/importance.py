@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
-from .layer import MaZOLayer
+from .layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
 from .mask import index_dtype, indices_to_dense, topk_columns
 from .quantized import dense_weight
 
@@ -644,11 +644,11 @@ def compute_importance(
         `ImportanceReport`. The masks are written into the adapter only after every layer has been scored.
     """
     start = time.perf_counter()
-    tuner = _as_tuner(model)
-    adapter_name = tuner._resolve_adapter(adapter_name)
+    tuner = mazo_tuner(model, caller="compute_importance")
+    adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
     scorer = config.scorer
-    layers = {n: layer for n, layer in tuner._mazo_layers().items() if adapter_name in layer.mazo_k}
+    layers = {n: layer for n, layer in mazo_layers(tuner).items() if adapter_name in layer.mazo_k}
     if not layers:
         raise ValueError(f"MaZO adapter '{adapter_name}' adapts no layer; there is no mask to compute.")
     report = ImportanceReport(scorer=scorer, adapter_name=adapter_name, layers=list(layers))
@@ -726,20 +726,6 @@ def compute_importance(
         report.total_seconds,
     )
     return report
-
-
-def _as_tuner(model: nn.Module):
-    from .model import MaZOModel
-
-    if isinstance(model, MaZOModel):
-        return model
-    base = getattr(model, "base_model", None) if isinstance(model, nn.Module) else None
-    if isinstance(base, MaZOModel):
-        return base
-    raise TypeError(
-        f"compute_importance needs a model with a MaZO adapter, got {type(model).__name__}. Wrap it first: "
-        "model = peft.get_peft_model(model, peft_mazo.MaZOConfig(...))."
-    )
 
 
 def _positive(name: str, value: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import kernels
@@ -366,3 +366,32 @@ class Linear(nn.Module, MaZOLayer):
 
     def __repr__(self) -> str:
         return "mazo." + super().__repr__()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# finding MaZO layers in a model (used by the tuner and by the mask search, which so need not import the tuner)
+# ---------------------------------------------------------------------------------------------------------------------
+def mazo_tuner(model: nn.Module, caller: str = "This") -> BaseTuner:
+    """The MaZO tuner of `model`: `model` itself or its `base_model` (a `PeftModel`'s), recognised as a peft
+    `BaseTuner` whose adapters are all `MaZOConfig`s. `TypeError` with the fix otherwise."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        configs = getattr(candidate, "peft_config", None)
+        if isinstance(candidate, BaseTuner) and configs and all(isinstance(c, MaZOConfig) for c in configs.values()):
+            return candidate
+    raise TypeError(
+        f"{caller} needs a model with a MaZO adapter, got {type(model).__name__}. Wrap it first: "
+        "model = peft.get_peft_model(model, peft_mazo.MaZOConfig(...))."
+    )
+
+
+def mazo_layers(tuner: BaseTuner) -> dict[str, MaZOLayer]:
+    """The tuner's adapted modules by name (names as in the base model, e.g. 'model.layers.0.self_attn.q_proj')."""
+    return {name: module for name, module in tuner.model.named_modules() if isinstance(module, MaZOLayer)}
+
+
+def resolve_adapter(tuner: BaseTuner, adapter_name: Optional[str]) -> str:
+    """`adapter_name`, or the tuner's first active adapter when None; `ValueError` naming the existing ones."""
+    adapter_name = adapter_name if adapter_name is not None else tuner.active_adapters[0]
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"No MaZO adapter named '{adapter_name}'; existing: {sorted(tuner.peft_config)}.")
+    return adapter_name

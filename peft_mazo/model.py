@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MaZOConfig
-from .layer import Linear, MaZOLayer
+from .layer import Linear, MaZOLayer, mazo_layers, resolve_adapter
 from .quantized import quantization_kind
 
 
@@ -131,13 +131,10 @@ class MaZOModel(BaseTuner):
 
     def _mazo_layers(self) -> dict[str, MaZOLayer]:
         """Adapted modules by name (names as in the base model, e.g. 'model.layers.0.self_attn.q_proj')."""
-        return {name: module for name, module in self.model.named_modules() if isinstance(module, MaZOLayer)}
+        return mazo_layers(self)
 
     def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
-        adapter_name = adapter_name if adapter_name is not None else self.active_adapters[0]
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"No MaZO adapter named '{adapter_name}'; existing: {sorted(self.peft_config)}.")
-        return adapter_name
+        return resolve_adapter(self, adapter_name)
 
     def get_masks(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Dense (out, in) bool mask of every adapted module, materialized on demand.

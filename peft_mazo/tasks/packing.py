@@ -345,9 +345,10 @@ def supports_packing(model: torch.nn.Module) -> bool:
     cached = _PACKING_SUPPORT.get(model)
     if cached is not None:
         return cached
-    from .scoring import model_device
-
-    device = model_device(model)
+    device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        device = embeddings.weight.device
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(1, vocab, (7,), generator=generator)
