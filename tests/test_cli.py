@@ -70,8 +70,10 @@ def test_train_writes_results_log_plot_and_checkpoint(tiny_model_dir, tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert set(results["after"]) == set(TASKS) == set(results["before"])
     for task in TASKS:
-        assert 0 <= results["after"][task]["score"] <= 100
-        assert results["after"][task]["n"] == results["sizes"][task]["test"]
+        n = results["after"][task]["n"]
+        assert n == results["sizes"][task]["test"]
+        correct = results["after"][task]["score"] * n / 100  # an accuracy over n examples: a whole number correct
+        assert 0 <= round(correct) <= n and correct == pytest.approx(round(correct), abs=1e-9)
     assert results["sizes"]["sst2"] == {"train": 12, "val": 4, "test": 6}
     log = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]

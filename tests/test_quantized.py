@@ -71,6 +71,8 @@ def test_save_load_on_quantized_base(saved_base, kind, tmp_path):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_merge_into_quantized_base_warns_and_stays_close(saved_base, kind):
     ids = torch.arange(20).reshape(2, 10)
+    with torch.no_grad():
+        base_logits = load_quantized(saved_base, kind)(input_ids=ids).logits
     model = get_peft_model(load_quantized(saved_base, kind), MaZOConfig(sparsity=0.5, r=4, init_weights=False))
     adapted = model(input_ids=ids).logits
     packed_before = model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight.data.clone()
@@ -79,9 +81,11 @@ def test_merge_into_quantized_base_warns_and_stays_close(saved_base, kind):
     packed_after = merged.model.layers[0].self_attn.q_proj.weight.data
     assert not torch.equal(packed_before, packed_after)
     merged_logits = merged(input_ids=ids).logits
-    # lossy: requantization error, but far closer to the adapted model than the base is
+    # lossy: the requantization error (measured: nf4 0.24, int8 0.02 of the adapter's effect on the logits) stays well
+    # below the adapter's own effect, i.e. the merged model is far closer to the adapted model than the base is
     error = (merged_logits - adapted).abs().mean()
-    assert error < 0.5 * adapted.abs().mean()
+    adapter_effect = (adapted - base_logits).abs().mean()
+    assert adapter_effect > 0.05 and error < 0.5 * adapter_effect
 
 
 def test_cpu_4bit_weights_are_not_corrupted_by_bitsandbytes_repacking(saved_base):
