@@ -160,9 +160,9 @@ class CUDAGraphLosses:
             self.direct_calls += 1
             return packed_losses(self.model, packed.to(device))[:num_tasks]
         state = self._state_key()
-        key = self._fitting(bucket_sizes(packed), state)
+        sizes = bucket_sizes(packed)
+        key = self._fitting(sizes, state)
         if key is None:  # rows and width as needed (they set the compute); the cheap sizes at the largest seen
-            sizes = bucket_sizes(packed)
             for other, _ in (k for k in self._recordings if k[1] == state and k[0][-1] == sizes[-1]):
                 sizes = sizes[:2] + tuple(max(a, b) for a, b in zip(sizes[2:], other[2:], strict=True))
             key = (sizes, state)
@@ -176,6 +176,7 @@ class CUDAGraphLosses:
         return recording.output[:num_tasks].clone()
 
     def _record(self, key: tuple, staged: PackedBatch, dtype: torch.dtype) -> _Recording:
+        # the graph's static inputs, apart from the staged batch (which the step's second pass copies from)
         inputs = PackedBatch(
             **{
                 f.name: getattr(staged, f.name).clone()

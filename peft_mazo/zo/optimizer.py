@@ -440,11 +440,7 @@ class ZOSGD(torch.optim.Optimizer):
         if self._directions_key != key:
             self._directions_key = None  # invalid while being refilled (an exception leaves no half-filled step)
             for param, index in self._param_index.items():
-                buffer = self._step_directions.get(index)
-                if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
-                    buffer = self._step_directions[index] = torch.empty_like(
-                        param, memory_format=torch.contiguous_format
-                    )
+                buffer = _buffer_like(self._step_directions, index, param)
                 generator = self._generator(param.device)
                 generator.manual_seed(tensor_seed(key[0], step, index))
                 buffer.normal_(generator=generator)
@@ -500,19 +496,6 @@ class ZOSGD(torch.optim.Optimizer):
                 param.data = original
             originals.clear()
 
-    def _perturbed_buffer(self, index: int, param: torch.Tensor) -> torch.Tensor:
-        """Eager mode: where tensor `index` holds θ ± εz during a pass. Allocated once and reused, so the perturbed
-        model reads the same addresses in every pass (what a CUDA graph of the forward needs)."""
-        buffer = self._perturbed_buffers.get(index)
-        if (
-            buffer is None
-            or buffer.shape != param.shape
-            or buffer.dtype != param.dtype
-            or buffer.device != param.device
-        ):
-            buffer = self._perturbed_buffers[index] = torch.empty_like(param, memory_format=torch.contiguous_format)
-        return buffer
-
     @contextlib.contextmanager
     def _passes(self, step: int) -> Iterator[Callable[[float], None]]:
         """The context of a step's forward passes; it yields `set_scale(scale)`, after which every trainable tensor
@@ -533,7 +516,8 @@ class ZOSGD(torch.optim.Optimizer):
         directions = self._directions_of_step(step)
         params = list(self._param_index)
         originals = [p.data for p in params]
-        buffers = [self._perturbed_buffer(index, p) for p, index in self._param_index.items()]
+        # the same buffers in every pass of every step: the perturbed model reads fixed addresses (a CUDA graph can)
+        buffers = [_buffer_like(self._perturbed_buffers, index, p) for p, index in self._param_index.items()]
         zs = [directions[index] for index in self._param_index.values()]
 
         def set_scale(scale: float) -> None:
@@ -758,6 +742,15 @@ class ZOSGD(torch.optim.Optimizer):
 
 
 _PLAIN_UPDATE = ZOSGD._update_param  # the multi-tensor update applies only while this rule is the one in use
+
+
+def _buffer_like(store: dict[int, torch.Tensor], index: int, param: torch.Tensor) -> torch.Tensor:
+    """`store[index]`, (re)allocated like `param` (contiguous) when missing or of another shape, dtype or device; kept
+    from step to step (eager mode's z and perturbation buffers)."""
+    buffer = store.get(index)
+    if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (param.shape, param.dtype, param.device):
+        buffer = store[index] = torch.empty_like(param, memory_format=torch.contiguous_format)
+    return buffer
 
 
 def _as_param_list(params: Any) -> list[Any]:
