@@ -12,9 +12,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+
+if TYPE_CHECKING:
+    from .runner.config import RunConfig
 
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
@@ -77,3 +81,73 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.lower() in SMOLLM2_ALIASES:
         return str(smollm2_dir())
     return name_or_path
+
+
+def resolve_device(device: str) -> torch.device:
+    """The `torch.device` of `--device`: `auto` is CUDA when it is available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def dequantized_config(path: str) -> Any:
+    """The model's config without a GGUF `quantization_config`.
+
+    Copies converted from a GGUF file (such as the cached SmolLM2-135M, whose weights are plain float tensors) keep it
+    in their config.json; with it, transformers refuses a `BitsAndBytesConfig` and the Trainer refuses to train.
+    """
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path)
+    quantization = getattr(model_config, "quantization_config", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    if str(method).lower().endswith("gguf"):
+        del model_config.quantization_config
+    return model_config
+
+
+def keep_bnb_cpu_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel; returns the layers changed.
+
+    bitsandbytes (0.50) repacks a `Linear4bit` weight at its first CPU inference forward, and its inverse conversion
+    (used when the dequantized weight is read: the mask's |W|, merging, saving) does not restore the block scales of a
+    non-nested quant state, which corrupts the layer afterwards (SmolLM2-135M's loss goes from 1.9 to 17). Keeping the
+    standard layout avoids both; it only costs the faster CPU kernel. GPUs are not affected.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The base causal LM (optionally 4-bit through `BitsAndBytesConfig`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+
+    path = resolve_model(config.model)
+    device = resolve_device(config.device)
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "config": dequantized_config(path)}
+    if config.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.load_in_4bit and device.type == "cpu":
+        keep_bnb_cpu_layout(model)
+    if not config.load_in_4bit:
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

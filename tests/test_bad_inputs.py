@@ -243,7 +243,7 @@ def resume_other_settings(env: Env) -> Attempt:
 
 def no_free_space(env: Env) -> Attempt:
     usage = shutil.disk_usage(env.tmp)
-    env.monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    env.monkeypatch.setattr(runner.preflight.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     return Attempt(
         lambda: mazo(*env.train_args()),
         CommandFailed,
@@ -624,7 +624,7 @@ def test_bad_input_fails_clearly_before_any_work_and_changes_nothing(case, tmp_p
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the command started loading the model")
 
-    monkeypatch.setattr(runner, "load_model_and_tokenizer", no_model_loading)
+    monkeypatch.setattr(runner.job, "load_model_and_tokenizer", no_model_loading)
     try:
         with pytest.raises(attempt.error) as info:
             attempt.call()

@@ -65,7 +65,7 @@ def test_each_method_trains_the_adapter_and_weighting_it_names(method, model_dir
 
 
 def test_zero_shot_trains_nothing(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_train", lambda *a, **k: pytest.fail("zero-shot must not train"))
+    monkeypatch.setattr(runner.job, "train_group", lambda *a, **k: pytest.fail("zero-shot must not train"))
     config = RunConfig(
         model=str(model_dir), tasks=["sst2"], method="zero-shot", out=str(tmp_path / "run"),
         data_dir=str(SHARED_DATA), n_test=2, eval_batch_size=8, max_length=96,

@@ -145,7 +145,7 @@ KILL_PATCHES = {
         optimizer.ZOSGD._update_param = update
     """,
     "checkpoint": """
-        real_save = runner.torch.save
+        real_save = torch.save
         def save(obj, path, *args, **kwargs):
             if "checkpoint-{checkpoint}" in str(path):
                 with open(path, "wb") as handle:
@@ -154,7 +154,7 @@ KILL_PATCHES = {
                     os.fsync(handle.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, path, *args, **kwargs)
-        runner.torch.save = save
+        torch.save = save
     """,
 }
 
@@ -211,12 +211,12 @@ KILL_INSIDE = {
     "mid_write": KILL_PATCHES["checkpoint"].format(step=None, checkpoint=4),
     # SIGKILL after checkpoint-4 was renamed into place but before `latest` was switched to it
     "before_latest": """
-        real_write = runner._write_text_atomically
+        real_write = runner.checkpoint.write_text_atomically
         def write(path, text):
             if path.name == "latest" and text == "checkpoint-4":
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_write(path, text)
-        runner._write_text_atomically = write
+        runner.checkpoint.write_text_atomically = write
     """,
 }
 
@@ -267,9 +267,9 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_di
 # ----------------------------------------------------------------------------------------------------------------------
 def test_too_little_free_space_is_reported_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(runner, "load_model_and_tokenizer", lambda config: loaded.append(config))
-    usage = runner.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    monkeypatch.setattr(runner.job, "load_model_and_tokenizer", lambda config: loaded.append(config))
+    usage = runner.preflight.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(runner.preflight.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"Not enough free disk space .* MiB needed .* 1\.0 MiB free\. Free some space"):
         run(small_config(tiny_model_dir, out))
@@ -307,7 +307,7 @@ def test_oserror_while_writing_a_checkpoint_keeps_the_last_one(
             raise OSError(code, os.strerror(code))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(runner.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     real_checkpoint = runner.save_checkpoint
 
     def remember(out_dir, step, *args, **kwargs):
@@ -316,7 +316,7 @@ def test_oserror_while_writing_a_checkpoint_keeps_the_last_one(
             saved.update(file_bytes(path))
         return path
 
-    monkeypatch.setattr(runner, "save_checkpoint", remember)
+    monkeypatch.setattr(runner.loop, "save_checkpoint", remember)
     argv = ["train", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "sst2,copa", "--r", "4",
             "--steps", "6", "--save-every", "2", "--lr", "1e-3", "--batch-size", "2", "--n-train", "12", "--n-val",
             "4", "--n-test", "4", "--calib-batches", "1", "--calib-batch-size", "4", "--max-length", "96",
@@ -331,7 +331,7 @@ def test_oserror_while_writing_a_checkpoint_keeps_the_last_one(
     assert file_bytes(out / "checkpoint-2") == saved  # byte-identical to what was written at step 2
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no staging left
 
-    monkeypatch.setattr(runner.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert main(argv + ["--resume"]) == 0
     reference = tmp_path / "reference"
     run(small_config(tiny_model_dir, reference))
@@ -352,7 +352,9 @@ def test_unwritable_output_directory_is_refused_before_any_work(tiny_model_dir, 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(runner.tempfile, "NamedTemporaryFile", refuse)  # root may write anywhere: simulate it
+    monkeypatch.setattr(
+        runner.preflight.tempfile, "NamedTemporaryFile", refuse
+    )  # root may write anywhere: simulate it
     out = tmp_path / "locked" / "run"
     with pytest.raises(RunError, match=r"not writable \(Permission denied\); choose another --out or fix"):
         run(small_config(tiny_model_dir, out))

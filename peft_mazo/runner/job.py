@@ -1,0 +1,194 @@
+"""The multi-task fine-tuning run behind `mazo train` / `mazo eval`: validate, build, train, checkpoint, evaluate.
+
+Outputs in the run directory:
+
+- `losses.jsonl`: one JSON line per step: step, loss, per-task losses and projected gradients, lr, seconds;
+- `checkpoint-<step>/` (adapter + `state.pt` with optimizer, sampler and log position + `run_config.json`) every
+  `save_every` steps, written under a temporary name, fsynced (files and directory) and renamed, with `latest` naming
+  the newest complete one;
+- `results.json`: each task's metric before (zero-shot) and after training, and the averages;
+- `loss_curves.png`: the per-task training-loss curves.
+
+Failure modes, all with a message that names the problem and the fix: bad input raises `RunError` before any model
+is loaded or any file written (including too little free disk space for the checkpoints and an unwritable output
+directory); a failure during training (a checkpoint that cannot be written, only non-finite losses for
+`max_skipped_steps` steps in a row) raises `RunFailed` and leaves the last complete checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from .._atomic import write_text_atomically
+from ..models import load_model_and_tokenizer
+from .checkpoint import checkpoint_error
+from .config import RunConfig, RunError
+from .loop import train_group
+from .preflight import check_adapter_fits, validate
+
+
+ZERO_SHOT_NAME = "zero_shot.json"
+
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+def _sample_splits(config: RunConfig) -> dict[str, Any]:
+    """The seeded train / val / test examples of every task (`TaskSplits` by task name)."""
+    from ..tasks import sample_tasks
+
+    try:
+        return sample_tasks(
+            config.tasks,
+            data_dir=config.data_dir,
+            n_train=config.n_train,
+            n_val=config.n_val,
+            n_test=config.n_test,
+            seed=config.seed,
+        )
+    except ValueError as error:  # a bad record: the message names the file, the line and the field
+        raise RunError(str(error)) from None
+
+
+def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, Any]:
+    """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json.
+
+    Raises:
+        RunError: bad input, before any work (nothing is written).
+        RunFailed: the run stopped (a checkpoint could not be written, only non-finite losses); the last complete
+            checkpoint is intact and `--resume` continues from it.
+    """
+    from ..methods import get_method
+
+    validate(config)
+    method = get_method(config.method)
+    out = Path(config.out)
+    with _exclusive_run_dir(out):
+        return _run_locked(config, method, out, on_step)
+
+
+@contextlib.contextmanager
+def _exclusive_run_dir(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory (`flock` on the directory itself: no lock file is left behind,
+    and a killed run releases it) so that two runs cannot write into one `--out`. No-op where `fcntl` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"--out {out} is in use by another mazo run (it holds the directory's lock). Wait for that run to "
+                "finish, or choose another --out."
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _run_locked(config: RunConfig, method, out: Path, on_step: Optional[StepCallback]) -> dict[str, Any]:
+    started = time.time()
+    splits = _sample_splits(config)
+    groups = [[t] for t in config.tasks] if method.per_task else [list(config.tasks)]
+    results: dict[str, Any] = {
+        "method": method.name,
+        "description": method.description,
+        "model": config.model,
+        "tasks": config.tasks,
+        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "sizes": {t: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for t, s in splits.items()},
+        "before": {},
+        "after": {},
+        "skipped_steps": 0,
+    }
+    for group in groups:
+        group_out = out / group[0] if method.per_task else out
+        group_results = _run_group(config, method, group, splits, group_out, on_step)
+        results["before"].update(group_results["before"])
+        results["after"].update(group_results["after"])
+        results["skipped_steps"] += group_results.get("skipped_steps", 0)
+        if group_results.get("cuda_graphs"):
+            results.setdefault("cuda_graphs", {})[group[0] if method.per_task else "all"] = group_results[
+                "cuda_graphs"
+            ]
+    for key in ("before", "after"):
+        scores = [r["score"] for r in results[key].values()]
+        results[f"average_{key}"] = sum(scores) / len(scores) if scores else None
+    results["wall_seconds"] = time.time() - started
+    try:
+        write_text_atomically(out / "results.json", json.dumps(results, indent=2))
+    except OSError as error:
+        raise checkpoint_error(error, "results.json", out) from error
+    return results
+
+
+def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepCallback]) -> dict[str, Any]:
+    from ..tasks import evaluate_tasks
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(config)
+    test_sets = {t: splits[t].test for t in tasks}
+    evaluate = lambda m: evaluate_tasks(  # noqa: E731
+        m, tokenizer, test_sets, batch_size=config.eval_batch_size, max_length=config.max_length
+    )
+    before_path = out / ZERO_SHOT_NAME  # kept so that a resumed run reports the zero-shot scores too
+    if config.resume and before_path.is_file():
+        before = json.loads(before_path.read_text())
+    elif (config.evaluate_before or not method.trains) and not config.resume:
+        before = evaluate(model)
+        if method.trains:
+            write_text_atomically(before_path, json.dumps(before, indent=2))
+    else:
+        before = {}
+    if not method.trains:
+        return {"before": before, "after": before}
+    model, skipped, graphs = train_group(config, method, tasks, splits, out, model, tokenizer, on_step)
+    return {"before": before, "after": evaluate(model), "skipped_steps": skipped, "cuda_graphs": graphs}
+
+
+def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
+    """`mazo eval`: load the base model and an adapter directory, evaluate on the test split, write results.json."""
+    from peft import PeftModel
+
+    from ..tasks import evaluate_tasks
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise RunError(
+            f"--adapter {adapter} has no adapter_config.json; pass a directory written by save_pretrained (e.g. the "
+            "run's adapter/ or a checkpoint-<step>/)."
+        )
+    config.method = "zero-shot"
+    validate(config)
+    check_adapter_fits(config, adapter)
+    splits = _sample_splits(config)
+    model, tokenizer = load_model_and_tokenizer(config)
+    model = PeftModel.from_pretrained(model, adapter)
+    scores = evaluate_tasks(
+        model,
+        tokenizer,
+        {t: s.test for t, s in splits.items()},
+        batch_size=config.eval_batch_size,
+        max_length=config.max_length,
+    )
+    results = {
+        "adapter": adapter,
+        "model": config.model,
+        "tasks": config.tasks,
+        "after": scores,
+        "average_after": sum(r["score"] for r in scores.values()) / len(scores),
+    }
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(config.out) / "results.json", json.dumps(results, indent=2))
+    return results
