@@ -130,7 +130,6 @@ def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
     """The base causal LM (optionally 4-bit through `BitsAndBytesConfig`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-
     path = resolve_model(config.model)
     device = resolve_device(config.device)
     if config.dtype == "auto":

@@ -548,8 +548,8 @@ CASES: dict[str, Callable[[Env], Attempt]] = {
     "cli-resume-other-settings": resume_other_settings,
     "cli-sparsity-1.5": command_case(
         lambda env: env.train_args("--sparsity", "1.5"),
-        r"--sparsity must be in \[0, 1\) .* got 1\.5",
-        r"e\.g\. --sparsity 0\.9",
+        r"--sparsity/--r: MaZOConfig\.sparsity must be in \[0, 1\) .* got 1\.5",
+        r"Use e\.g\. 0\.9",
     ),  # fmt: skip
     "cli-negative-rank": command_case(
         lambda env: env.train_args("--r", "-1"), r"--r must be an integer >= 0 .* got -1", r"0 = dense masked delta"

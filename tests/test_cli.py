@@ -191,3 +191,31 @@ def test_train_on_a_4bit_base(tiny_model_dir, tmp_path):
     assert any(r["projected_grads"]["sst2"] != 0 for r in log)  # the nf4 model's adapter really moved the loss
     trained = adapter_tensors(tmp_path / "adapter")
     assert any(k.endswith("mazo_B") and t.abs().sum() > 0 for k, t in trained.items())
+
+
+def test_cli_flags_and_defaults_come_from_run_config():
+    """Every RunConfig field is a `mazo train` flag with the dataclass's default; `mazo eval` takes only the
+    evaluation fields (plus --adapter); comma- and space-separated task lists and the short aliases parse alike."""
+    from dataclasses import MISSING, fields
+
+    from peft_mazo.cli import _config, build_parser
+    from peft_mazo.runner import EvalConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--tasks", "sst2,boolq"])
+    config = _config(args)
+    for spec in fields(RunConfig):
+        if spec.default is not MISSING:
+            assert getattr(config, spec.name) == spec.default, spec.name
+    assert config.tasks == ["sst2", "boolq"]
+    spaced = _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "boolq", "--no-eval-before"]))
+    assert spaced.tasks == ["sst2", "boolq"] and spaced.evaluate_before is False
+    assert _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "--n-train", "all"])).n_train is None
+    assert _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "--no-cuda-graphs"])).cuda_graphs is False
+
+    eval_names = {f.name for f in fields(EvalConfig)}
+    assert "adapter" in eval_names and not {"steps", "lr", "method", "n_train", "resume"} & eval_names
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--model", "m", "--tasks", "sst2", "--out", "o", "--steps", "3"])
+    with pytest.raises(SystemExit):  # an evaluation always names where its results go
+        parser.parse_args(["eval", "--model", "m", "--tasks", "sst2"])

@@ -12,7 +12,7 @@ Model loading (`load_model_and_tokenizer`, ...) lives in `peft_mazo.models` and 
 
 from ..models import dequantized_config, keep_bnb_cpu_layout, load_model_and_tokenizer, resolve_device
 from .checkpoint import latest_checkpoint, load_checkpoint_state, remove_stale_files, save_checkpoint
-from .config import RESUME_FIELDS, CheckpointError, RunConfig, RunError, RunFailed
+from .config import RESUME_FIELDS, CheckpointError, EvalConfig, RunConfig, RunError, RunFailed
 from .job import evaluate_adapter, run
 from .losslog import plot_losses
 from .preflight import check_free_space, estimate_adapter_bytes, validate
@@ -21,6 +21,7 @@ from .preflight import check_free_space, estimate_adapter_bytes, validate
 __all__ = [
     "RESUME_FIELDS",
     "CheckpointError",
+    "EvalConfig",
     "RunConfig",
     "RunError",
     "RunFailed",

@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from ..models import resolve_device
 from .checkpoint import RUN_CONFIG_NAME, latest_checkpoint, load_checkpoint_state, resume_settings
-from .config import DTYPES, RESUME_FIELDS, RunConfig, RunError
+from .config import RESUME_FIELDS, RunConfig, RunError
 
 
 logger = logging.getLogger(__name__)
 
 
 FREE_SPACE_MARGIN = 32 * 2**20
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate(config: RunConfig) -> None:
@@ -35,80 +30,18 @@ def validate(config: RunConfig) -> None:
     model directory, that `--out` is writable (without creating it), that `--resume` finds a checkpoint made with the
     same settings, and that the disk has room for the checkpoints (an estimate from the model's config).
     """
-    from ..config import MaZOConfig
     from ..methods import get_method
     from ..tasks import canonical_task_name
     from ..tasks.data import check_data_files
 
+    config.check()  # the values on their own (they may have changed since the config was built)
+    method = get_method(config.method)
     try:
-        method = get_method(config.method)
         config.tasks = [canonical_task_name(t) for t in config.tasks]
     except ValueError as error:
         raise RunError(str(error)) from None
-    if not config.tasks:
-        raise RunError("No tasks given: pass --tasks, e.g. --tasks sst2,boolq,copa.")
     if len(set(config.tasks)) != len(config.tasks):
         raise RunError(f"--tasks names a task twice: {config.tasks}. Give every task once.")
-    if method.trains:
-        if not _is_int(config.steps) or config.steps < 1:
-            raise RunError(
-                f"--steps must be a positive integer for method '{method.name}', got {config.steps}; e.g. --steps "
-                "1000 (use --method zero-shot to only evaluate)."
-            )
-        if not _is_int(config.save_every) or config.save_every < 1:
-            raise RunError(
-                f"--save-every must be a positive integer, got {config.save_every!r}; e.g. --save-every 100."
-            )
-        if config.n_train is not None and (not _is_int(config.n_train) or config.n_train < 1):
-            raise RunError(
-                f"--n-train must be a positive integer or 'all' for method '{method.name}', got {config.n_train!r}."
-            )
-    for name in ("batch_size", "eval_batch_size", "calib_batches", "calib_batch_size", "max_length", "coba_every"):
-        value = getattr(config, name)
-        if not _is_int(value) or value < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
-    for name in ("n_val", "n_train", "n_test"):
-        value = getattr(config, name)
-        if not (value is None and name != "n_val") and (not _is_int(value) or value < 0):
-            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}.")
-    if config.n_test == 0:
-        raise RunError(
-            "--n-test 0 leaves nothing to evaluate; pass at least 1 (or 'all' for the whole validation file)."
-        )
-    if not _is_int(config.seed):
-        raise RunError(f"--seed must be an integer, got {config.seed!r}.")
-    if not _is_int(config.max_skipped_steps) or config.max_skipped_steps < 0:
-        raise RunError(
-            f"--max-skipped-steps must be an integer >= 0 (0 = never stop on non-finite losses), got "
-            f"{config.max_skipped_steps!r}."
-        )
-    if config.lr is not None and not (config.lr >= 0 and math.isfinite(config.lr)):
-        raise RunError(f"--lr must be a finite number >= 0, got {config.lr}; e.g. --lr 3e-4 for LoRA, 1e-6 dense.")
-    if not (config.eps > 0 and math.isfinite(config.eps)):
-        raise RunError(f"--eps must be a finite number > 0, got {config.eps}; the paper uses --eps 1e-3.")
-    if config.sparsity is not None and (
-        isinstance(config.sparsity, bool)
-        or not isinstance(config.sparsity, (int, float))
-        or not 0.0 <= config.sparsity < 1.0
-    ):
-        raise RunError(
-            f"--sparsity must be in [0, 1) (the fraction of each weight row that stays frozen), got {config.sparsity}; "
-            "e.g. --sparsity 0.9 for a dense delta or 0.8 with LoRA."
-        )
-    if config.r is not None and (not _is_int(config.r) or config.r < 0):
-        raise RunError(f"--r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {config.r!r}.")
-    if config.sparsity is not None and method.trains and method.adapter.get("scorer") == "none":
-        raise RunError(
-            f"--sparsity {config.sparsity}: method '{method.name}' trains every weight (no mask), so a sparsity would "
-            "be ignored. Drop --sparsity, or choose a masked method (mazo, mazo-lora, mask-random, ...)."
-        )
-    if method.trains:
-        try:
-            MaZOConfig(**method.adapter_config(sparsity=config.sparsity, r=config.r))
-        except ValueError as error:
-            raise RunError(f"method '{method.name}' with --sparsity/--r: {error}") from None
-    if config.dtype not in DTYPES:
-        raise RunError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}.")
     try:
         device = resolve_device(config.device)
     except RuntimeError as error:
