@@ -211,7 +211,10 @@ def test_cli_flags_and_defaults_come_from_run_config():
     spaced = _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "boolq", "--no-eval-before"]))
     assert spaced.tasks == ["sst2", "boolq"] and spaced.evaluate_before is False
     assert _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "--n-train", "all"])).n_train is None
-    assert _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "--no-cuda-graphs"])).cuda_graphs is False
+    assert (
+        _config(parser.parse_args(["train", "--model", "m", "--tasks", "sst2", "--no-cuda-graphs"])).cuda_graphs
+        is False
+    )
 
     eval_names = {f.name for f in fields(EvalConfig)}
     assert "adapter" in eval_names and not {"steps", "lr", "method", "n_train", "resume"} & eval_names

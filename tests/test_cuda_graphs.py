@@ -47,7 +47,7 @@ def test_graphed_steps_equal_direct_steps(packed_steps, r):
         losses_of = graphed if use_graphs else (lambda p, m=model: packed_losses(m, p.to("cuda")))
         for packed in packed_steps:
             opt.step(lambda p=packed, f=losses_of: f(p))
-        results.append((opt.last_step.losses_plus, [p.detach().clone() for p in opt._param_index]))
+        results.append((opt.last_step.losses_plus, [p.detach().clone() for p in opt.perturbation_plan.param_index]))
         if use_graphs:
             assert graphed.captures >= 1 and graphed.replays >= len(packed_steps) and graphed.direct_calls == 0
     (direct_losses, direct_params), (graph_losses, graph_params) = results

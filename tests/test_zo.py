@@ -15,7 +15,7 @@ from torch import nn
 import peft_mazo
 from peft_mazo import ZOSGD, EqualWeighting, MaZOConfig, MaZOLayer, StaticWeighting, TaskWeighting
 from peft_mazo.quantized import quantization_kind
-from peft_mazo.zo import optimizer as zo_optimizer
+from peft_mazo.zo import perturbation as zo_perturbation
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -322,19 +322,22 @@ def test_lazy_and_eager_perturbation_agree_bitwise(momentum, monkeypatch):
         model = get_peft_model(make_mlp(), config)
         opt = ZOSGD(model, lr=1e-2, seed=0, perturbation=mode, momentum=momentum, weight_decay=0.1)
         if mode == "lazy":
-            assert opt.mode == "lazy" and len(opt._lazy) == 2 and len(opt._eager) == 2  # lin0, lin1 | norm w, b
+            assert (
+                opt.mode == "lazy" and len(opt.perturbation_plan.lazy) == 2 and len(opt.perturbation_plan.eager) == 2
+            )  # lin0, lin1 | norm w, b
         else:
-            assert opt.mode == "eager" and not opt._lazy
+            assert opt.mode == "eager" and not opt.perturbation_plan.lazy
         closure = lambda model=model: ((model(x) - target) ** 2).mean()  # noqa: E731
         losses = [float(opt.step(closure)) for _ in range(3)]
         if opt.mode == "eager":  # the kept z of the last step is the regenerated one
-            kept = [opt._step_directions[opt._param_index[p]] for g in opt.param_groups for p in g["params"]]
+            index = opt.perturbation_plan.param_index
+            kept = [opt.directions.kept[index[p]] for g in opt.param_groups for p in g["params"]]
             assert all(torch.equal(a, b) for a, b in zip(kept, opt.perturbation_direction(2), strict=True))
         results.append((losses, trainable(model)))
     assert results[0][0] == results[1][0] == results[2][0]
     assert bitwise_equal(results[0][1], results[1][1]) and bitwise_equal(results[0][1], results[2][1])
     assert any("norm" in n for n in results[0][1])
-    monkeypatch.setattr(zo_optimizer, "EAGER_MAX_BYTES", 0)
+    monkeypatch.setattr(zo_perturbation, "EAGER_MAX_BYTES", 0)
     assert ZOSGD(get_peft_model(make_mlp(), config), perturbation="auto").mode == "lazy"
 
 

@@ -8,20 +8,15 @@ z ~ N(0, I) regenerated from `(seed, step, tensor index)`:
     ĝ = Σ_t w_t ĝ_t                                        # task weights from a `TaskWeighting` (equal by default)
     θ ← θ - lr · (ĝ z + wd · θ)                            # or with momentum: m ← μ m + ĝ z + wd θ; θ ← θ - lr m
 
-Exactness. The perturbed forwards never write θ. For the duration of a module's forward, each of its trainable tensors
-points (`param.data = ...`) at a fresh tensor `θ + εz`; when the module returns, the parameter points at the
-untouched original again. So the parameters after a step are bit-for-bit `θ` plus the update, and exactly `θ` when
+Exactness. The perturbed forwards never write θ (`zo.perturbation`: each trainable tensor points at a copy holding
+θ ± εz while a forward runs), so the parameters after a step are bit-for-bit `θ` plus the update, and exactly `θ` when
 the update is skipped (lr = 0, non-finite loss, an exception in the closure). The frozen base weights (fp32, bf16,
-bitsandbytes 4-bit) are never touched at all. Two ways to do the swap (`perturbation=`):
+bitsandbytes 4-bit) are never touched at all. `perturbation="eager"` keeps z and the perturbed copy for the whole step
+(fast), "lazy" perturbs one MaZO layer at a time inside its forward and regenerates z (lean), "auto" (default) picks
+eager up to `EAGER_MAX_BYTES` (1 GiB) of extra memory.
 
-- "eager": every trainable tensor for the whole pass. z of the step is drawn once into buffers kept for the step, and
-  the + and - copies and the update are a few multi-tensor (`torch._foreach_*`) operations. Costs two copies of the
-  trainable state (z and θ ± εz); the fast path for adapters of small and mid-size models.
-- "lazy": inside every MaZO layer's forward (forward pre-/post-hooks registered for the duration of the step only),
-  so the perturbed copy costs one layer's trainable tensors at a time and z is regenerated for the + pass, the - pass
-  and the update (MeZO's trick: never stored). Other trainable tensors (e.g. `modules_to_save` heads) are swapped for
-  the whole pass. The memory-lean path for large adapters.
-- "auto" (default): "eager" while the two extra copies take at most `EAGER_MAX_BYTES` (1 GiB), else "lazy".
+The parts: `zo.directions` (the seed stream), `zo.perturbation` (θ ± εz in the forwards), `zo.checks` (input and
+closure checks), `zo.update` (the update rule as functions) and this module (`ZOSGD`: the step and its state).
 
 Randomness. z comes from a dedicated `torch.Generator` per device, reseeded for every tensor of every step from
 `(seed, step, tensor index)`, so both modes draw the very same z. The global RNG (`torch.get_rng_state()`, CUDA's) is
@@ -35,13 +30,9 @@ the identical update (and agrees on skipping a non-finite step). No gradient or 
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -49,32 +40,26 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..layer import MaZOLayer
+from .checks import (
+    Closure,
+    as_closures,
+    call_closure,
+    check_arguments,
+    check_hyperparameters,
+    check_trainable_tensor,
+    loss_vector,
+    mean_losses,
+    no_trainable_error,
+)
+from .directions import DirectionStream, tensor_seed
+from .perturbation import EAGER_MAX_BYTES, PERTURBATION_MODES, Perturbation
+from .update import zo_sgd_foreach_update_, zo_sgd_update_
 from .weighting import EqualWeighting, TaskWeighting
 
 
-Closure = Callable[[], Union[torch.Tensor, float]]
+__all__ = ["EAGER_MAX_BYTES", "PERTURBATION_MODES", "ZOSGD", "ZOStepResult", "tensor_seed"]
+
 ParamsArg = Union[Iterable[nn.Parameter], Iterable[dict[str, Any]]]
-
-_MASK64 = (1 << 64) - 1
-PERTURBATION_MODES = ("auto", "eager", "lazy")
-EAGER_MAX_BYTES = 2**30
-"""`perturbation="auto"` keeps z and the perturbed copy for the whole step (eager) up to this many extra bytes."""
-
-
-def _splitmix64(value: int) -> int:
-    """One round of splitmix64 (a bijective 64-bit mixer), on Python ints."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def tensor_seed(seed: int, step: int, index: int) -> int:
-    """The 63-bit seed of the direction of trainable tensor `index` at optimizer step `step` (deterministic)."""
-    mixed = _splitmix64(seed & _MASK64)
-    mixed = _splitmix64(mixed ^ (step & _MASK64))
-    mixed = _splitmix64(mixed ^ (index & _MASK64))
-    return mixed >> 1
 
 
 @dataclass(frozen=True)
@@ -103,79 +88,6 @@ class ZOStepResult:
     projected_grad: float
     skipped: bool
     comm_bytes: int = 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_hyperparameters(lr: Any, weight_decay: Any, momentum: Any, where: str = "ZOSGD") -> None:
-    """Raise `ValueError` for a negative/non-finite lr or weight decay, or a momentum outside [0, 1)."""
-    if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(
-            f"{where}: lr must be a finite number >= 0, got {lr!r}. Use lr = 0 to evaluate without updating; a "
-            "negative learning rate would ascend the loss."
-        )
-    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {weight_decay!r}.")
-    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{where}: momentum must be in [0, 1) (0 disables it), got {momentum!r}.")
-
-
-def _as_closures(closure: Any) -> list[Closure]:
-    """A closure or a non-empty sequence of closures (micro-batches) -> list; `ValueError` otherwise."""
-    if closure is None:
-        raise ValueError(
-            "ZOSGD.step needs a closure that runs a forward pass and returns the loss, e.g. "
-            "`opt.step(lambda: model(**batch).loss)`: a zeroth-order step has no gradients to apply."
-        )
-    if callable(closure):
-        return [closure]
-    if isinstance(closure, (list, tuple)) and closure and all(callable(c) for c in closure):
-        return list(closure)
-    raise ValueError(
-        f"ZOSGD.step takes a callable closure or a non-empty list of them (one per micro-batch), got "
-        f"{type(closure).__name__}."
-    )
-
-
-def _call(closure: Closure) -> Any:
-    """Run a closure; a `backward()` inside it (which fails under ZOSGD's no_grad) gets a message that says why."""
-    try:
-        return closure()
-    except RuntimeError as error:
-        if "does not require grad" not in str(error):
-            raise
-        raise RuntimeError(
-            "The closure passed to ZOSGD.step called backward(): ZOSGD closures return the loss and never call "
-            "backward (a zeroth-order step needs forward passes only, and runs them under torch.no_grad()). Return "
-            "`model(**batch).loss` without `.backward()`. The parameters were not changed."
-        ) from error
-
-
-def _loss_vector(value: Any) -> torch.Tensor:
-    """The closure's return value as a detached 1-D tensor of T >= 1 losses; `ValueError` for anything else."""
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise ValueError(
-                f"The closure passed to ZOSGD.step returned a {value.dtype} tensor; return the loss as a floating "
-                "point tensor (e.g. `accuracy.float()`)."
-            )
-        if value.dim() == 0:
-            return value.detach().reshape(1)
-        if value.dim() == 1 and value.numel() > 0:
-            return value.detach()
-        raise ValueError(
-            "The closure passed to ZOSGD.step must return a scalar loss or a 1-D tensor of per-task losses, got a "
-            f"tensor of shape {tuple(value.shape)}."
-        )
-    if _is_number(value):
-        return torch.tensor([float(value)], dtype=torch.float64)
-    hint = " (a model output? return `model(**batch).loss`)" if hasattr(value, "loss") else ""
-    raise ValueError(
-        "The closure passed to ZOSGD.step must return the loss as a torch.Tensor (a scalar, or a 1-D tensor of "
-        f"per-task losses) or a Python float, got {type(value).__name__}{hint}."
-    )
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -240,31 +152,7 @@ class ZOSGD(torch.optim.Optimizer):
         perturbation: Literal["auto", "eager", "lazy"] = "auto",
         distributed: Optional[bool] = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"ZOSGD takes the model first (it runs the closures and owns the trainable tensors), got "
-                f"{type(model).__name__}. Use ZOSGD(model, lr=...)."
-            )
-        _check_hyperparameters(lr, weight_decay, momentum)
-        if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"ZOSGD: eps must be a finite number > 0 (MeZO/MaZO default 1e-3), got {eps!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"ZOSGD: seed must be an integer, got {seed!r}.")
-        if max_consecutive_skips is not None and (
-            isinstance(max_consecutive_skips, bool)
-            or not isinstance(max_consecutive_skips, numbers.Integral)
-            or max_consecutive_skips < 1
-        ):
-            raise ValueError(
-                f"ZOSGD: max_consecutive_skips must be None or an integer >= 1, got {max_consecutive_skips!r}."
-            )
-        if perturbation not in PERTURBATION_MODES:
-            raise ValueError(f"ZOSGD: perturbation must be one of {PERTURBATION_MODES}, got {perturbation!r}.")
-        if weighting is not None and not isinstance(weighting, TaskWeighting):
-            raise ValueError(
-                f"ZOSGD: weighting must be a peft_mazo.TaskWeighting, got {type(weighting).__name__}; subclass "
-                "TaskWeighting to add one."
-            )
+        check_arguments(model, lr, eps, weight_decay, momentum, seed, weighting, max_consecutive_skips, perturbation)
 
         self._model_param_ids = {id(p) for p in model.parameters()}
         self._planned = False
@@ -275,18 +163,8 @@ class ZOSGD(torch.optim.Optimizer):
             if groups and isinstance(groups[0], dict):
                 groups = [dict(g, params=_as_param_list(g.get("params", []))) for g in groups]
                 groups = [g for g in groups if g["params"]]
-        if not groups and any(isinstance(m, MaZOLayer) for m in model.modules()):
-            raise ValueError(
-                "ZOSGD found no trainable parameters: the model holds a MaZO adapter loaded for inference "
-                "(PeftModel.from_pretrained freezes it by default). Load it with "
-                "PeftModel.from_pretrained(base, path, is_trainable=True) to train it further."
-            )
         if not groups:
-            raise ValueError(
-                "ZOSGD found no trainable parameters: every parameter of the model has requires_grad=False. Wrap "
-                "the model with a MaZO adapter first (peft.get_peft_model(model, peft_mazo.MaZOConfig(...))), or "
-                "pass the tensors to train with `params=`."
-            )
+            raise no_trainable_error(model)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
         super().__init__(groups, defaults)
 
@@ -295,10 +173,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.max_consecutive_skips = max_consecutive_skips
         self.perturbation = perturbation
         self.last_step: Optional[ZOStepResult] = None
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._step_directions: dict[int, torch.Tensor] = {}  # eager mode: z of one step, by tensor index
-        self._directions_key: Optional[tuple[int, int]] = None  # (seed, step) that `_step_directions` holds
-        self._perturbed_buffers: dict[int, torch.Tensor] = {}  # eager mode: θ ± εz during a pass, by tensor index
+        self.directions = DirectionStream()
         self._warned_nonfinite = False
         self.state["zo"] = {
             "seed": int(seed),
@@ -347,60 +222,26 @@ class ZOSGD(torch.optim.Optimizer):
         params = _as_param_list(param_group["params"])
         param_group = dict(param_group, params=params)
         for p in params:
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                raise ValueError(
-                    f"ZOSGD can only train floating-point tensors, got {type(p).__name__} of dtype "
-                    f"{getattr(p, 'dtype', None)} (quantized base weights are frozen and never trained)."
-                )
-            if not p.requires_grad:
-                raise ValueError(
-                    f"ZOSGD was given a tensor of shape {tuple(p.shape)} with requires_grad=False: frozen weights are "
-                    "never perturbed or written. Pass only trainable parameters (the default selects them)."
-                )
-            if p.device.type == "meta":
-                raise ValueError(
-                    f"ZOSGD was given a tensor of shape {tuple(p.shape)} on the meta device (an offloaded module?): "
-                    "trainable tensors must live on a real device. With device_map='auto', give the model enough GPU "
-                    "memory (max_memory) that no adapted layer is offloaded to 'cpu' or 'disk'."
-                )
-            if id(p) not in self._model_param_ids:
-                raise ValueError(
-                    f"ZOSGD was given a tensor of shape {tuple(p.shape)} that is not a parameter of the model; the "
-                    "closure could not see its perturbation."
-                )
+            check_trainable_tensor(p, self._model_param_ids)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyperparameters(group["lr"], group["weight_decay"], group["momentum"])
+        check_hyperparameters(group["lr"], group["weight_decay"], group["momentum"])
         if self._planned:
             self._plan()
 
     def _plan(self) -> None:
         """Index the trainable tensors and decide, per tensor, where its perturbation is applied."""
-        self._param_index: dict[torch.Tensor, int] = {}
-        for p in self._params():
-            self._param_index[p] = len(self._param_index)
-        lazy: list[tuple[nn.Module, list[tuple[int, torch.Tensor]]]] = []
-        assigned: set[int] = set()
-        extra_bytes = 2 * sum(p.numel() * p.element_size() for p in self._param_index)
-        self.mode = self.perturbation
-        if self.mode == "auto":
-            self.mode = "eager" if extra_bytes <= EAGER_MAX_BYTES else "lazy"
-        self._step_directions, self._directions_key, self._perturbed_buffers = {}, None, {}
-        if self.mode == "lazy":
-            for module in self.model.modules():
-                if not isinstance(module, MaZOLayer):
-                    continue
-                entries = []
-                for container_name in module.adapter_layer_names:
-                    for p in getattr(module, container_name).values():
-                        if p in self._param_index and id(p) not in assigned:
-                            entries.append((self._param_index[p], p))
-                            assigned.add(id(p))
-                if entries:
-                    lazy.append((module, entries))
-        self._lazy = lazy
-        self._eager = [(i, p) for p, i in self._param_index.items() if id(p) not in assigned]
+        self.perturbation_plan = Perturbation(self.model, list(self._params()), self.perturbation, self.directions)
         self._planned = True
+
+    @property
+    def mode(self) -> str:
+        """The perturbation mode in use: "eager" or "lazy" ("auto" resolved)."""
+        return self.perturbation_plan.mode
+
+    @property
+    def _param_index(self) -> dict[torch.Tensor, int]:
+        return self.perturbation_plan.param_index
 
     def _params(self) -> Iterator[torch.Tensor]:
         for group in self.param_groups:
@@ -411,18 +252,6 @@ class ZOSGD(torch.optim.Optimizer):
         """Number of trainable values (the ZO dimension d)."""
         return sum(p.numel() for p in self._params())
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        return generator
-
-    def _direction(self, step: int, index: int, param: torch.Tensor) -> torch.Tensor:
-        """z of tensor `index` at `step`: N(0, 1) of `param`'s shape, dtype and device (a fresh tensor)."""
-        generator = self._generator(param.device)
-        generator.manual_seed(tensor_seed(self.state["zo"]["seed"], step, index))
-        return torch.randn(param.shape, generator=generator, dtype=param.dtype, device=param.device)
-
     @torch.no_grad()
     def perturbation_direction(self, step: Optional[int] = None) -> list[torch.Tensor]:
         """Regenerate the direction z of optimizer step `step` (default: the last step), one tensor per parameter in
@@ -431,125 +260,15 @@ class ZOSGD(torch.optim.Optimizer):
             step = self.state["zo"]["step"] - 1
         if step < 0:
             raise ValueError("No step has been taken yet; pass step=0 for the direction of the first step.")
-        return [self._direction(step, self._param_index[p], p) for p in self._params()]
-
-    def _directions_of_step(self, step: int) -> dict[int, torch.Tensor]:
-        """Eager mode: z of every trainable tensor at `step`, drawn once into buffers reused from step to step (the
-        same numbers as `_direction`: `normal_` on a generator seeded with `tensor_seed`)."""
-        key = (int(self.state["zo"]["seed"]), step)
-        if self._directions_key != key:
-            self._directions_key = None  # invalid while being refilled (an exception leaves no half-filled step)
-            for param, index in self._param_index.items():
-                buffer = _buffer_like(self._step_directions, index, param)
-                generator = self._generator(param.device)
-                generator.manual_seed(tensor_seed(key[0], step, index))
-                buffer.normal_(generator=generator)
-            self._directions_key = key
-        return self._step_directions
-
-    @contextlib.contextmanager
-    def _perturbed(self, step: int, scale: float) -> Iterator[None]:
-        """Lazy mode: within the context, every trainable tensor reads as `θ + scale · z` (per MaZO layer inside its
-        forward, see module docstring); θ itself is never written, and every tensor points at its original storage
-        again on exit."""
-        originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        depth: dict[int, int] = {}
-
-        def swap_in(entries: list[tuple[int, torch.Tensor]]) -> None:
-            for index, param in entries:
-                if id(param) in originals:
-                    continue
-                original = param.data
-                direction = self._direction(step, index, param)
-                param.data = torch.add(original, direction, alpha=scale, out=direction)
-                originals[id(param)] = (param, original)
-
-        def swap_out(entries: list[tuple[int, torch.Tensor]]) -> None:
-            for _, param in entries:
-                saved = originals.pop(id(param), None)
-                if saved is not None:
-                    param.data = saved[1]
-
-        def pre_hook(entries: list[tuple[int, torch.Tensor]], module: nn.Module, args: Any) -> None:
-            level = depth.get(id(module), 0)
-            depth[id(module)] = level + 1
-            if level == 0:
-                swap_in(entries)
-
-        def post_hook(entries: list[tuple[int, torch.Tensor]], module: nn.Module, args: Any, output: Any) -> None:
-            level = depth.get(id(module), 1) - 1
-            depth[id(module)] = level
-            if level == 0:
-                swap_out(entries)
-
-        handles = []
-        try:
-            swap_in(self._eager)
-            for module, entries in self._lazy:
-                handles.append(module.register_forward_pre_hook(partial(pre_hook, entries)))
-                handles.append(module.register_forward_hook(partial(post_hook, entries), always_call=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for param, original in originals.values():
-                param.data = original
-            originals.clear()
-
-    @contextlib.contextmanager
-    def _passes(self, step: int) -> Iterator[Callable[[float], None]]:
-        """The context of a step's forward passes; it yields `set_scale(scale)`, after which every trainable tensor
-        reads as `θ + scale · z`.
-
-        Eager mode: the parameters point at the perturbation buffers for the whole context (swapped once per step, not
-        per pass), and `set_scale` refills them with two multi-tensor operations. Lazy mode: `set_scale` (re)registers
-        the per-layer hooks of `_perturbed`. Either way θ itself is never written and is restored on exit."""
-        if self.mode != "eager":
-            with contextlib.ExitStack() as stack:
-
-                def set_lazy_scale(scale: float) -> None:
-                    stack.close()
-                    stack.enter_context(self._perturbed(step, scale))
-
-                yield set_lazy_scale
-            return
-        directions = self._directions_of_step(step)
-        params = list(self._param_index)
-        originals = [p.data for p in params]
-        # the same buffers in every pass of every step: the perturbed model reads fixed addresses (a CUDA graph can)
-        buffers = [_buffer_like(self._perturbed_buffers, index, p) for p, index in self._param_index.items()]
-        zs = [directions[index] for index in self._param_index.values()]
-
-        def set_scale(scale: float) -> None:
-            torch._foreach_copy_(buffers, originals)
-            torch._foreach_add_(buffers, zs, alpha=scale)
-
-        try:
-            for param, buffer in zip(params, buffers, strict=True):
-                param.data = buffer
-            yield set_scale
-        finally:
-            for param, original in zip(params, originals, strict=True):
-                param.data = original
+        seed = self.state["zo"]["seed"]
+        return [self.directions.draw(seed, step, self._param_index[p], p) for p in self._params()]
 
     # ----------------------------------------------------------------------------------------------------------------
     # the step
     # ----------------------------------------------------------------------------------------------------------------
     def _check_groups(self) -> None:
         for group in self.param_groups:
-            _check_hyperparameters(group["lr"], group["weight_decay"], group["momentum"], where="ZOSGD param group")
-
-    @staticmethod
-    def _mean_losses(values: list[torch.Tensor]) -> torch.Tensor:
-        """(T,) float64 mean over micro-batches of per-micro-batch (T,) losses (on the first one's device)."""
-        num_tasks = values[0].numel()
-        if any(v.numel() != num_tasks for v in values):
-            raise ValueError(
-                "The closures passed to ZOSGD.step returned different numbers of task losses "
-                f"({sorted({v.numel() for v in values})}); every call must return the same T losses."
-            )
-        device = values[0].device
-        return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).mean(dim=0)
+            check_hyperparameters(group["lr"], group["weight_decay"], group["momentum"], where="ZOSGD param group")
 
     @torch.no_grad()
     def step(self, closure: Union[Closure, Sequence[Closure], None] = None) -> torch.Tensor:  # type: ignore[override]
@@ -563,17 +282,17 @@ class ZOSGD(torch.optim.Optimizer):
         Returns:
             `torch.Tensor`: 0-d float32 `Σ_t w_t (L⁺_t + L⁻_t) / 2` on the losses' device (see `ZOStepResult`).
         """
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         self._check_groups()
         zo = self.state["zo"]
         step, eps = int(zo["step"]), float(zo["eps"])
 
-        with self._passes(step) as set_scale:
+        with self.perturbation_plan.passes(zo["seed"], step) as set_scale:
             set_scale(eps)
-            plus = [_loss_vector(_call(c)) for c in closures]
+            plus = [loss_vector(call_closure(c)) for c in closures]
             set_scale(-eps)
-            minus = [_loss_vector(_call(c)) for c in closures]
-        losses_plus, losses_minus = self._mean_losses(plus), self._mean_losses(minus)
+            minus = [loss_vector(call_closure(c)) for c in closures]
+        losses_plus, losses_minus = mean_losses(plus), mean_losses(minus)
         if losses_plus.numel() != losses_minus.numel():
             raise ValueError("The closure returned a different number of task losses in the + and - passes.")
         device = losses_plus.device
@@ -657,20 +376,19 @@ class ZOSGD(torch.optim.Optimizer):
         Plain SGD in eager mode is two multi-tensor operations per group; momentum, lazy mode or an overridden
         `_update_param` go tensor by tensor through `_update_param`."""
         eager = self.mode == "eager"
-        directions = self._directions_of_step(step) if eager else None
+        seed = self.state["zo"]["seed"]
+        directions = self.directions.of_step(seed, step, self._param_index) if eager else None
         for group in self.param_groups:
             if group["lr"] == 0.0 and group["momentum"] == 0.0:
                 continue  # nothing can change: skip (lr = 0 leaves θ bit-for-bit as it was)
             params = group["params"]
             if eager and group["momentum"] == 0.0 and type(self)._update_param is _PLAIN_UPDATE:
-                if group["weight_decay"]:
-                    torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
                 zs = [directions[self._param_index[p]] for p in params]
-                torch._foreach_add_(params, zs, alpha=-group["lr"] * projected_grad)
+                zo_sgd_foreach_update_(params, zs, projected_grad, lr=group["lr"], weight_decay=group["weight_decay"])
                 continue
             for param in params:
                 index = self._param_index[param]
-                direction = directions[index].clone() if eager else self._direction(step, index, param)
+                direction = directions[index].clone() if eager else self.directions.draw(seed, step, index, param)
                 self._update_param(param, direction, projected_grad, group, self.state[param])
 
     def _update_param(
@@ -687,22 +405,15 @@ class ZOSGD(torch.optim.Optimizer):
         `m ← μ m + (ĝ z + wd θ)` (`m = ĝ z + wd θ` on the first step), `θ ← θ - lr m`. Override this method for other
         rules (e.g. ZO-Adam, keeping its moments in `state`).
         """
-        lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        if momentum == 0.0:
-            if weight_decay:
-                param.mul_(1.0 - lr * weight_decay)
-            param.add_(direction, alpha=-lr * projected_grad)
-            return
-        update = direction.mul_(projected_grad)
-        if weight_decay:
-            update.add_(param, alpha=weight_decay)
-        buffer = state.get("momentum_buffer")
-        if buffer is None:
-            state["momentum_buffer"] = buffer = update
-        else:
-            buffer.mul_(momentum).add_(update)
-        if lr:
-            param.add_(buffer, alpha=-lr)
+        zo_sgd_update_(
+            param,
+            direction,
+            projected_grad,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            state=state,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # state
@@ -738,19 +449,10 @@ class ZOSGD(torch.optim.Optimizer):
             if isinstance(key, torch.Tensor):  # own the loaded buffers (torch may alias the caller's tensors)
                 self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
         self.weighting.load_state_dict(zo.get("weighting", {}))
-        self._directions_key = None
+        self.directions.invalidate()
 
 
 _PLAIN_UPDATE = ZOSGD._update_param  # the multi-tensor update applies only while this rule is the one in use
-
-
-def _buffer_like(store: dict[int, torch.Tensor], index: int, param: torch.Tensor) -> torch.Tensor:
-    """`store[index]`, (re)allocated like `param` (contiguous) when missing or of another shape, dtype or device; kept
-    from step to step (eager mode's z and perturbation buffers)."""
-    buffer = store.get(index)
-    if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (param.shape, param.dtype, param.device):
-        buffer = store[index] = torch.empty_like(param, memory_format=torch.contiguous_format)
-    return buffer
 
 
 def _as_param_list(params: Any) -> list[Any]:
