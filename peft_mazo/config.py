@@ -223,6 +223,13 @@ class MaZOConfig(PeftConfig):
         """The `torch.dtype` of the trainable state."""
         return getattr(torch, self.delta_dtype)
 
+    def kept_per_row(self, in_features: int) -> int:
+        """k, the trainable entries of each row of an (out, `in_features`) weight: `ceil((1 - sparsity) · in)` with
+        a mask, every entry with `scorer="none"`."""
+        from .mask import kept_per_row
+
+        return in_features if self.scorer == "none" else kept_per_row(in_features, self.sparsity)
+
     @property
     def effective_sparsity(self) -> float:
         """The sparsity the mask really has: 0 with `scorer="none"`."""

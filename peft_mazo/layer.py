@@ -19,15 +19,15 @@ import zlib
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import kernels
 from . import mask as mask_ops
+from .backends import dispatch_backend
 from .config import MaZOConfig
-from .quantized import dense_weight, keep_standard_4bit_layout, quantization_kind, replace_quantized_weight
+from .quantized import dense_weight, keep_standard_4bit_layout
 
 
 _WARNED_RANKS: set[int] = set()  # LoRA ranks already warned about (r larger than a layer's rank): warn once per r
@@ -56,6 +56,7 @@ class MaZOLayer(BaseTunerLayer):
         self.in_features = base.in_features
         self.out_features = base.out_features
         keep_standard_4bit_layout(base)
+        self.base_backend = dispatch_backend(base)  # how to read, run and merge this kind of base layer
         self._register_load_state_dict_pre_hook(self._check_loaded_adapter, with_module=False)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class MaZOLayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         dtype = config.torch_delta_dtype
         masked = config.scorer != "none"
-        k = mask_ops.kept_per_row(in_features, config.sparsity) if masked else in_features
+        k = config.kept_per_row(in_features)
         self.mazo_k[adapter_name] = k
         self.mazo_shape[adapter_name] = torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
 
@@ -140,39 +141,38 @@ class MaZOLayer(BaseTunerLayer):
         device = self.mazo_shape[adapter_name].device
         return torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=device)
 
+    def check_mask_columns(
+        self, adapter_name: str, columns: torch.Tensor, reset: bool = False, name: str = ""
+    ) -> None:
+        """Raise `ValueError` unless `columns` can become the mask of `adapter_name`: the adapter has a mask, the
+        (out, k) kept columns are valid, and the delta is zero (or `reset=True`, which will zero it)."""
+        where = f" of '{name}'" if name else ""
+        if not self.is_masked(adapter_name):
+            raise ValueError(
+                f"Adapter '{adapter_name}'{where} was created with scorer='none' and has no mask to set; create it "
+                "with another scorer."
+            )
+        expected = (self.out_features, self.mazo_k[adapter_name])
+        if tuple(columns.shape) != expected:
+            raise ValueError(f"mask columns must have shape (out, k) = {expected}, got {tuple(columns.shape)}.")
+        mask_ops.check_columns(columns, self.in_features, name=f"mask{where}")
+        if not reset and self.delta_is_nonzero(adapter_name):
+            raise ValueError(
+                f"Adapter '{adapter_name}'{where} already has a non-zero delta; changing its mask would silently "
+                "change the trained adapter. Pass reset=True to zero the delta and set the mask."
+            )
+
     def set_mask_columns(self, adapter_name: str, columns: torch.Tensor, reset: bool = False) -> None:
         """Replace the mask of `adapter_name` by the (out, k) kept `columns` of every row.
 
-        Refuses (ValueError) while the adapter's delta is non-zero, since that would silently change a trained
-        adapter, unless `reset=True`, which sets the delta back to zero (the identity).
+        Refuses (ValueError, see `check_mask_columns`) while the adapter's delta is non-zero, since that would silently
+        change a trained adapter, unless `reset=True`, which sets the delta back to zero (the identity).
         """
-        if not self.is_masked(adapter_name):
-            raise ValueError(
-                f"Adapter '{adapter_name}' was created with scorer='none' and has no mask to set; create it with "
-                "another scorer."
-            )
-        k = self.mazo_k[adapter_name]
-        expected = (self.out_features, k)
-        if tuple(columns.shape) != expected:
-            raise ValueError(f"mask columns must have shape (out, k) = {expected}, got {tuple(columns.shape)}.")
-        mask_ops.check_columns(columns, self.in_features)
+        self.check_mask_columns(adapter_name, columns, reset=reset)
         if self.delta_is_nonzero(adapter_name):
-            if not reset:
-                raise ValueError(
-                    f"Adapter '{adapter_name}' already has a non-zero delta; changing its mask would silently change "
-                    "the trained adapter. Pass reset=True to zero the delta and set the mask."
-                )
             self.reset_delta(adapter_name)
         self._store_columns(adapter_name, columns)
         self.mazo_mask_pending.discard(adapter_name)
-
-    def set_mask(self, adapter_name: str, mask: torch.Tensor, reset: bool = False) -> None:
-        """Replace the mask of `adapter_name` by the dense (out, in) bool `mask` (exactly k ones per row)."""
-        expected = (self.out_features, self.in_features)
-        if tuple(mask.shape) != expected:
-            raise ValueError(f"mask must have the weight's shape (out, in) = {expected}, got {tuple(mask.shape)}.")
-        mask_ops.check_row_counts(mask, self.mazo_k[adapter_name])
-        self.set_mask_columns(adapter_name, mask_ops.dense_to_indices(mask), reset=reset)
 
     def delta_is_nonzero(self, adapter_name: str) -> bool:
         """True when the adapter currently changes the layer (dense values or LoRA B not all zero)."""
@@ -288,9 +288,9 @@ class Linear(nn.Module, MaZOLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`y = x (W + Σ_a ΔW_a ⊙ M_a)ᵀ + bias` for the active adapters; x (..., in) -> y (..., out).
 
-        Full-precision and 4-bit bases: the effective weight is composed (one layer's worth, transiently; a 4-bit
-        weight dequantized first, as bitsandbytes' own forward does) and applied in one matmul, so the delta costs no
-        second matmul. 8-bit bases: bitsandbytes' int8 output plus `x ΔWᵀ`.
+        How depends on the base (`self.base_backend`, see `peft_mazo.backends`): full-precision and 4-bit bases compose
+        the effective weight (one layer's worth, transiently) and apply it in one matmul; 8-bit bases add `x ΔWᵀ` to
+        bitsandbytes' int8 output.
         """
         if self.disable_adapters:
             if self.merged:
@@ -300,27 +300,7 @@ class Linear(nn.Module, MaZOLayer):
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
 
-        base = self.get_base_layer()
-        kind = quantization_kind(base)
-        repacked = getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)
-        if kind == "4bit" and not repacked:  # dequantize, add the masked deltas, one matmul (as bnb's own forward)
-            compute_dtype = getattr(base, "compute_dtype", None) or x.dtype
-            weight = dense_weight(base).to(compute_dtype)
-            for name in adapters:
-                weight = self._add_delta(weight, name)
-            bias = None if base.bias is None else base.bias.to(compute_dtype)
-            return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
-        if kind:  # 8-bit (its int8 matmul with outlier handling), or a CPU-repacked 4-bit weight: base output + x ΔWᵀ
-            result = self.base_layer(x, *args, **kwargs)
-            for name in adapters:
-                delta = self.get_delta_weight(name)
-                result = result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
-            return result
-
-        weight = base.weight
-        for name in adapters:
-            weight = self._add_delta(weight, name)
-        return F.linear(x, weight, base.bias)
+        return self.base_backend.forward(self, x, adapters, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas of `adapter_names` (default: the active ones) into the base weight.
@@ -335,17 +315,16 @@ class Linear(nn.Module, MaZOLayer):
             if name not in self.mazo_k:
                 continue
             with torch.no_grad():
-                if quantization_kind(base):
+                backend = self.base_backend
+                if backend.quantized:  # the dequantized weight in the delta's dtype, requantized after
                     delta = self.get_delta_weight(name)
-                    merged = dense_weight(base).to(delta.dtype) + delta
+                    merged = backend.read_weight(base).to(delta.dtype) + delta
                 else:
-                    merged = self._add_delta(base.weight.detach(), name)
+                    merged = self._add_delta(backend.read_weight(base), name)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken.")
-                if quantization_kind(base):
-                    replace_quantized_weight(base, merged)
-                else:
-                    base.weight.data = merged
+                backend.write_weight(base, merged)
+                self.base_backend = dispatch_backend(base)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -357,12 +336,9 @@ class Linear(nn.Module, MaZOLayer):
                 continue
             with torch.no_grad():
                 delta = self.get_delta_weight(name)
-                weight = dense_weight(base)
-                restored = (weight.to(delta.dtype) - delta).to(weight.dtype)
-                if quantization_kind(base):
-                    replace_quantized_weight(base, restored)
-                else:
-                    base.weight.data = restored
+                weight = self.base_backend.read_weight(base)
+                self.base_backend.write_weight(base, (weight.to(delta.dtype) - delta).to(weight.dtype))
+                self.base_backend = dispatch_backend(base)
 
     def __repr__(self) -> str:
         return "mazo." + super().__repr__()

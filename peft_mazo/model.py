@@ -186,10 +186,7 @@ class MaZOModel(BaseTuner):
         for name, mask in masks.items():
             layer = layers[name]
             if not layer.is_masked(adapter_name):
-                raise ValueError(
-                    f"Adapter '{adapter_name}' of '{name}' was created with scorer='none' and has no mask to set; "
-                    "create the adapter with another scorer."
-                )
+                layer.check_mask_columns(adapter_name, mask, reset=reset, name=name)  # raises: no mask to set
             expected = (layer.out_features, layer.in_features)
             if tuple(mask.shape) != expected:
                 raise ValueError(
@@ -202,12 +199,8 @@ class MaZOModel(BaseTuner):
                     "(exactly k True entries per row)."
                 )
             check_row_counts(mask, layer.mazo_k[adapter_name], name=f"mask of '{name}'")
-            if not reset and layer.delta_is_nonzero(adapter_name):
-                raise ValueError(
-                    f"Adapter '{adapter_name}' of '{name}' already has a non-zero delta; changing its mask would "
-                    "silently change the trained adapter. Pass reset=True to zero the delta and set the masks."
-                )
             columns[name] = dense_to_indices(mask)
+            layer.check_mask_columns(adapter_name, columns[name], reset=reset, name=name)
         for name, cols in columns.items():
             layers[name].set_mask_columns(adapter_name, cols, reset=reset)
 
@@ -328,7 +321,7 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                         f"{where}: '{name}' was saved for a weight of shape (out, in) = {shape}, but this base "
                         f"model's layer has shape {(out_features, in_features)}: a model of other sizes. {fix_base}."
                     )
-            k = mask_ops.kept_per_row(in_features, config.sparsity) if masked else in_features
+            k = config.kept_per_row(in_features)
             shapes = {kind: tuple(handle.get_slice(key).get_shape()) for kind, key in kinds.items()}
             if config.r == 0 and ("mazo_A" in shapes or "mazo_B" in shapes):
                 raise ValueError(

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
-
-if TYPE_CHECKING:
-    from .runner.config import RunConfig
+from ._atomic import save_dir_atomically
 
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
@@ -57,22 +53,16 @@ def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
     package_dir = smollm2_package_dir()
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    # The weights are plain float tensors now: drop the GGUF quantization_config so the copy loads as an ordinary
-    # model (with it, transformers refuses a BitsAndBytesConfig and the Trainer refuses to train).
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    drop_gguf_quantization_config(model.config)  # the weights are plain float tensors now
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"))  # handles the tied embedding / head
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    save_dir_atomically(target, write)
     return target
 
 
@@ -99,6 +89,13 @@ def dequantized_config(path: str) -> Any:
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(path)
+    drop_gguf_quantization_config(model_config)
+    return model_config
+
+
+def drop_gguf_quantization_config(model_config: Any) -> None:
+    """Remove a GGUF `quantization_config` from `model_config` in place (the weights of a converted copy are plain
+    float tensors; with it, transformers refuses a `BitsAndBytesConfig` and the Trainer refuses to train)."""
     quantization = getattr(model_config, "quantization_config", None)
     method = (
         quantization.get("quant_method")
@@ -107,7 +104,6 @@ def dequantized_config(path: str) -> Any:
     )
     if str(method).lower().endswith("gguf"):
         del model_config.quantization_config
-    return model_config
 
 
 def keep_bnb_cpu_layout(model: torch.nn.Module) -> int:
@@ -118,35 +114,40 @@ def keep_bnb_cpu_layout(model: torch.nn.Module) -> int:
     non-nested quant state, which corrupts the layer afterwards (SmolLM2-135M's loss goes from 1.9 to 17). Keeping the
     standard layout avoids both; it only costs the faster CPU kernel. GPUs are not affected.
     """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
+    from .quantized import keep_standard_4bit_layout
+
+    return sum(keep_standard_4bit_layout(module) for module in model.modules())
 
 
-def load_model_and_tokenizer(config: RunConfig) -> tuple[torch.nn.Module, Any]:
-    """The base causal LM (optionally 4-bit through `BitsAndBytesConfig`) and its tokenizer."""
+def load_model_and_tokenizer(
+    model: str, *, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False
+) -> tuple[torch.nn.Module, Any]:
+    """The base causal LM (optionally nf4 through `BitsAndBytesConfig`) in eval mode, and its tokenizer.
+
+    Args:
+        model (`str`): a model directory, a hub id, or `smollm2-135m`.
+        device (`str`): "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ...
+        dtype (`str`): "auto" (bf16 on CUDA, fp32 on the CPU) or a torch dtype name such as "float32".
+        load_in_4bit (`bool`): load the base in nf4 (bitsandbytes), with `dtype` as the compute dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    path = resolve_model(config.model)
-    device = resolve_device(config.device)
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "config": dequantized_config(path)}
-    if config.load_in_4bit:
+    path = resolve_model(model)
+    target = resolve_device(device)
+    torch_dtype = (
+        (torch.bfloat16 if target.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    )
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "config": dequantized_config(path)}
+    if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if config.load_in_4bit and device.type == "cpu":
-        keep_bnb_cpu_layout(model)
-    if not config.load_in_4bit:
-        model.to(device)
-    model.eval()
+        kwargs["device_map"] = {"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
+    loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if load_in_4bit and target.type == "cpu":
+        keep_bnb_cpu_layout(loaded)
+    if not load_in_4bit:
+        loaded.to(target)
+    loaded.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return loaded, tokenizer

@@ -42,15 +42,18 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
-def keep_standard_4bit_layout(base_layer: nn.Module) -> None:
+def keep_standard_4bit_layout(base_layer: nn.Module) -> bool:
     """Stop bitsandbytes from repacking this 4-bit layer's weight for its AVX-512 BF16 CPU kernel.
 
     bitsandbytes (0.50) repacks a `Linear4bit` weight into a kernel-specific layout at its first CPU inference forward,
     and its inverse does not restore the block scales exactly, so the dequantized weight (the mask's |W|, merges) would
     be wrong and the layer corrupted afterwards. A MaZO layer keeps the standard layout; it only costs that CPU kernel.
+    Returns True when the layer was changed.
     """
     if getattr(base_layer, "support_avx512bf16_for_cpu", False):
         base_layer.support_avx512bf16_for_cpu = False
+        return True
+    return False
 
 
 def _weight_through_forward(base_layer: nn.Module) -> torch.Tensor:

@@ -40,6 +40,7 @@ def test_forward_adds_masked_delta_to_quantized_base(saved_base, kind, r):
     layer = mazo_layers(model)["model.layers.0.self_attn.q_proj"]
     base = layer.get_base_layer()
     assert quantization_kind(base) == ("4bit" if kind == "nf4" else "8bit")
+    assert layer.base_backend.name == ("bnb-4bit" if kind == "nf4" else "bnb-8bit")  # chosen once, at wrapping
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     x = torch.randn(2, 3, 64)

@@ -267,7 +267,7 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one(tiny_model_di
 # ----------------------------------------------------------------------------------------------------------------------
 def test_too_little_free_space_is_reported_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(runner.job, "load_model_and_tokenizer", lambda config: loaded.append(config))
+    monkeypatch.setattr(runner.job, "load_model_and_tokenizer", lambda *args, **kwargs: loaded.append(args))
     usage = runner.preflight.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(runner.preflight.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
     out = tmp_path / "run"

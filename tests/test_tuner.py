@@ -91,6 +91,7 @@ def test_delta_equals_explicit_masked_delta_and_forward_uses_it(mode):
         assert delta.abs().sum() > 0, name
         torch.testing.assert_close(delta, expected, rtol=1e-6, atol=1e-7)
         assert (delta[~layer.get_mask("default")] == 0).all()
+        assert layer.base_backend.name == "dense"
         if layer.in_features == 64:
             base = layer.get_base_layer()
             torch.testing.assert_close(layer(x), base(x) + x @ expected.T, rtol=1e-5, atol=1e-5)

@@ -138,7 +138,9 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     from ..tasks import evaluate_tasks
 
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(config)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
+    )
     test_sets = {t: splits[t].test for t in tasks}
     evaluate = lambda m: evaluate_tasks(  # noqa: E731
         m, tokenizer, test_sets, batch_size=config.eval_batch_size, max_length=config.max_length
@@ -173,7 +175,9 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     validate(config)
     check_adapter_fits(config, adapter)
     splits = _sample_splits(config)
-    model, tokenizer = load_model_and_tokenizer(config)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
+    )
     model = PeftModel.from_pretrained(model, adapter)
     scores = evaluate_tasks(
         model,
