@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from peft.config import PeftConfig
 
+from ._checks import is_finite_number, is_int, is_number
 from ._peft_type import ensure_mazo_peft_type
 
 
@@ -143,14 +144,14 @@ class MaZOConfig(PeftConfig):
                 )
 
     def _validate(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+        if not is_number(self.sparsity):
             raise ValueError(f"MaZOConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"MaZOConfig.sparsity must be in [0, 1) (the fraction of each row that stays frozen), got "
                 f"{self.sparsity}. Use e.g. 0.9 for the dense delta or 0.8 with LoRA."
             )
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+        if not is_int(self.r) or self.r < 0:
             raise ValueError(
                 f"MaZOConfig.r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {self.r!r}."
             )
@@ -158,11 +159,7 @@ class MaZOConfig(PeftConfig):
             self.lora_alpha = float(self.r) if self.r > 0 else None
         elif self.r == 0:
             raise ValueError("MaZOConfig.lora_alpha is set but r = 0 (dense mode has no LoRA scale); set r > 0.")
-        elif (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha))
-        ):
+        elif not (is_finite_number(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(
                 f"MaZOConfig.lora_alpha must be > 0 and finite (the LoRA scale is lora_alpha / r), got "
                 f"{self.lora_alpha!r}; leave it unset for lora_alpha = r."
@@ -176,11 +173,11 @@ class MaZOConfig(PeftConfig):
             )
         for name in ("alpha", "beta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+            if not is_number(value) or not (0 <= value < math.inf):
                 raise ValueError(
                     f"MaZOConfig.{name} must be a number >= 0 (finite), got {value!r}. Paper: alpha = 10, beta = 1."
                 )
-        if isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int):
+        if not is_int(self.mask_seed):
             raise ValueError(
                 f"MaZOConfig.mask_seed must be an integer (the seed of scorer='random'), got {self.mask_seed!r}."
             )

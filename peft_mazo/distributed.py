@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._checks import is_int
+
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +318,7 @@ def check_in_sync(
     Raises:
         `DistributedSyncError`: on every rank, naming the first rank (and tensor) that differs from rank 0.
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    if not is_int(every) or every < 1:
         raise ValueError(f"check_in_sync: every must be an integer >= 1, got {every!r}.")
     names, tensors, extra = _named_state(target)
     if step is None:

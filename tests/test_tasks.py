@@ -8,7 +8,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 from test_tasks_helpers import SHARED_DATA
 
 from peft_mazo.tasks import (
@@ -432,7 +431,6 @@ def test_sampler_balances_tasks_and_covers_each_epoch():
     rte = Counter(e.uid for s in steps for e in s["rte"])  # 18 draws over 7 examples: 2 full epochs + 4
     assert set(rte.values()) <= {2, 3} and sum(rte.values()) == 18
     assert sampler.epoch("sst2") == 3.0 and sampler.step == 6
-    assert torch.allclose(sampler.weights, torch.full((3,), 1 / 3))
 
 
 def test_sampler_is_deterministic_reshuffles_and_resumes():
@@ -451,13 +449,8 @@ def test_sampler_is_deterministic_reshuffles_and_resumes():
     assert [next(resumed) for _ in range(3)] == [next(a) for _ in range(3)]
 
 
-def test_sampler_weights_and_bad_arguments():
+def test_sampler_bad_arguments():
     pools = {"sst2": make_pool("sst2", 4), "rte": make_pool("rte", 4)}
-    weights = MultiTaskSampler(pools, 2, weights={"rte": 3.0, "sst2": 1.0}).weights
-    assert torch.allclose(weights, torch.tensor([0.25, 0.75]))
-    assert torch.allclose(MultiTaskSampler(pools, 2, weights=[1, 1]).weights, torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match="non-negative"):
-        MultiTaskSampler(pools, 2, weights=[-1, 2])
     with pytest.raises(ValueError, match="missing"):
         MultiTaskSampler(pools, {"sst2": 2})
     with pytest.raises(ValueError, match="No training examples"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._checks import is_int
 from .data import check_data_files, load_examples
 from .encoding import encode_continuations, pad_sequences, pad_token_id
 from .example import Example
@@ -44,7 +45,7 @@ def calibration_batches(
     """
     name = canonical_task_name(task)
     for arg, value in (("batch_size", batch_size), ("num_batches", num_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
     pool = list(load_examples(name, "train", data_dir) if examples is None else examples)
     others = sorted({e.task for e in pool} - {name})

@@ -24,6 +24,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
+from .._checks import is_int
 from .example import Example
 from .registry import TaskSpec, canonical_task_name, get_task
 
@@ -280,7 +281,7 @@ def load_examples(task: str, split: Split, data_dir: str | PathLike | None = Non
 def _check_size(name: str, value: int | None, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}.")
 
 

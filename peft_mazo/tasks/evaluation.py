@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._checks import is_int
 from .encoding import encode_batch
 from .example import Example
 from .metrics import accuracy, squad_f1
@@ -22,7 +23,7 @@ def _checked(task_name: str, examples: Sequence[Example], batch_size: int) -> tu
     others = sorted({e.task for e in examples} - {spec.name})
     if others:
         raise ValueError(f"evaluate_task('{spec.name}') got examples of other tasks: {', '.join(others)}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     return spec, examples
 

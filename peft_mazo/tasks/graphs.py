@@ -33,6 +33,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._checks import is_int
 from .packing import PackedBatch, bucket_sizes, packed_losses, pad_packed, supports_packing
 
 
@@ -70,7 +71,7 @@ class CUDAGraphLosses:
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 8) -> None:
-        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+        if not is_int(max_graphs) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}.")
         self.model = model
         self.max_graphs = max_graphs

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_int
 from .encoding import EncodedBatch
 
 
@@ -118,7 +119,7 @@ def pack_batches(batches: Mapping[str, EncodedBatch], row_tokens: int | None = N
     """
     if not batches:
         raise ValueError("pack_batches needs at least one task batch.")
-    if row_tokens is not None and (not isinstance(row_tokens, int) or isinstance(row_tokens, bool) or row_tokens < 1):
+    if row_tokens is not None and (not is_int(row_tokens) or row_tokens < 1):
         raise ValueError(f"row_tokens must be a positive integer, got {row_tokens!r}.")
     sequences, positions_in_seq, targets, owners = [], [], [], []
     candidate_rows, labels, example_task, task_examples, generation_tokens, is_generation = [], [], [], [], [], []

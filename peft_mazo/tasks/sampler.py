@@ -6,8 +6,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._checks import is_int
 from .encoding import EncodedBatch, encode_batch
 from .example import Example
 
@@ -24,8 +23,6 @@ class MultiTaskSampler:
         examples_by_task (`Mapping[str, Sequence[Example]]`): training examples per task; the order of the keys is
             the order of the tasks in every step (and in `multitask_losses`).
         batch_size (`int` or `Mapping[str, int]`): examples per task per step (one size, or one per task).
-        weights (`Mapping[str, float]` or `Sequence[float]`, *optional*): the tasks' loss weights w_t, normalised to
-            sum to 1 (`weights` attribute, shape `(T,)`); equal by default. They do not change what is sampled.
         seed (`int`): the same seed gives the same batches.
     """
 
@@ -34,7 +31,6 @@ class MultiTaskSampler:
         examples_by_task: Mapping[str, Sequence[Example]],
         batch_size: int | Mapping[str, int] = 16,
         *,
-        weights: Mapping[str, float] | Sequence[float] | None = None,
         seed: int = 0,
     ) -> None:
         if not examples_by_task:
@@ -45,7 +41,6 @@ class MultiTaskSampler:
         if empty:
             raise ValueError(f"No training examples for task(s): {', '.join(empty)}.")
         self.batch_sizes: dict[str, int] = self._batch_sizes(batch_size)
-        self.weights: torch.Tensor = self._weights(weights)
         self.seed = seed
         self._epoch = dict.fromkeys(self.task_names, 0)
         self._position = dict.fromkeys(self.task_names, 0)
@@ -62,26 +57,9 @@ class MultiTaskSampler:
         else:
             sizes = dict.fromkeys(self.task_names, batch_size)
         for task, size in sizes.items():
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            if not is_int(size) or size < 1:
                 raise ValueError(f"batch_size of task '{task}' must be a positive integer, got {size!r}.")
         return sizes
-
-    def _weights(self, weights: Mapping[str, float] | Sequence[float] | None) -> torch.Tensor:
-        n_tasks = len(self.task_names)
-        if weights is None:
-            return torch.full((n_tasks,), 1.0 / n_tasks)
-        if isinstance(weights, Mapping):
-            if set(weights) != set(self.task_names):
-                raise ValueError(f"weights must name exactly the tasks {list(self.task_names)}, got {list(weights)}.")
-            values = [float(weights[t]) for t in self.task_names]
-        else:
-            values = [float(w) for w in weights]
-            if len(values) != n_tasks:
-                raise ValueError(f"{len(values)} weights for {n_tasks} tasks.")
-        tensor = torch.tensor(values, dtype=torch.float32)
-        if (tensor < 0).any() or not torch.isfinite(tensor).all() or tensor.sum() <= 0:
-            raise ValueError(f"weights must be finite, non-negative and not all zero, got {values}.")
-        return tensor / tensor.sum()
 
     def _order(self, task: str, epoch: int) -> list[int]:
         n = len(self.examples[task])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._checks import is_int
 from .example import Example
 
 
@@ -53,7 +54,7 @@ def bool_label(value: Any, field: str = "label") -> bool:
 
 def int_label(value: Any, allowed: tuple[int, ...], field: str = "label") -> int:
     """Parses an integer class label that must be one of `allowed`."""
-    if isinstance(value, int) and not isinstance(value, bool) and value in allowed:
+    if is_int(value) and value in allowed:
         return value
     raise ValueError(f"field '{field}' must be one of {list(allowed)}, got {value!r}")
 
@@ -63,7 +64,7 @@ def rte_label(value: Any) -> int:
     names = {"entailment": 0, "not_entailment": 1}
     if isinstance(value, str) and value in names:
         return names[value]
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+    if is_int(value) and value in (0, 1):
         return value
     raise ValueError(f"field 'label' must be 'entailment' or 'not_entailment' (or 0 / 1), got {value!r}")
 
