@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -240,40 +241,82 @@ class MaZOLayer(BaseTunerLayer):
         """Before loading: refuse a checkpoint made for another weight shape, another k, or with a broken mask."""
         module = prefix.rstrip(".") or "<root>"
         for adapter_name in list(self.mazo_shape.keys()):
-            if (
-                f"{prefix}mazo_columns.{adapter_name}" in state_dict
-                or f"{prefix}mazo_bits.{adapter_name}" in state_dict
-            ):
+            keys = {kind: f"{prefix}{kind}.{adapter_name}" for kind in ("mazo_shape", "mazo_columns", "mazo_bits")}
+            present = {kind: state_dict[key] for kind, key in keys.items() if key in state_dict}
+            if "mazo_columns" in present or "mazo_bits" in present:
                 self.mazo_mask_pending.discard(adapter_name)  # a saved mask is being loaded
-            shape_key = f"{prefix}mazo_shape.{adapter_name}"
-            if shape_key in state_dict:
-                saved = tuple(int(v) for v in state_dict[shape_key].tolist())
-                if saved != (self.out_features, self.in_features):
-                    raise ValueError(
-                        f"MaZO adapter '{adapter_name}' of module '{module}' was saved for a weight of shape "
-                        f"(out, in) = {saved}, but this base model's layer has shape "
-                        f"{(self.out_features, self.in_features)}. Load the adapter onto the base model it was "
-                        "trained on."
-                    )
-            k = self.mazo_k[adapter_name]
-            columns = state_dict.get(f"{prefix}mazo_columns.{adapter_name}")
-            if columns is not None:
-                if tuple(columns.shape) != (self.out_features, k):
-                    raise ValueError(
-                        f"MaZO adapter '{adapter_name}' of module '{module}' was saved with {columns.shape[-1]} kept "
-                        f"entries per row, but its adapter_config.json gives k = {k} (sparsity/scorer differ). Use "
-                        "the adapter_config.json saved with these weights."
-                    )
-                mask_ops.check_columns(
-                    columns, self.in_features, name=f"mask of '{module}' (adapter '{adapter_name}')"
-                )
-            bits = state_dict.get(f"{prefix}mazo_bits.{adapter_name}")
-            if bits is not None:
-                mask_ops.check_row_counts(
-                    mask_ops.unpack_bits(bits, self.in_features),
-                    k,
-                    name=f"mask of '{module}' (adapter '{adapter_name}')",
-                )
+            check_saved_layer(
+                f"MaZO adapter '{adapter_name}'",
+                module,
+                {kind: tuple(tensor.shape) for kind, tensor in present.items()},
+                present.__getitem__,
+                (self.out_features, self.in_features),
+                self.mazo_k[adapter_name],
+                fixes=(
+                    "Load the adapter onto the base model it was trained on.",
+                    "Use the adapter_config.json saved with these weights.",
+                    "",
+                ),
+                mask_name=f"mask of '{module}' (adapter '{adapter_name}')",
+            )
+
+
+def check_saved_layer(
+    where: str,
+    name: str,
+    shapes: dict[str, tuple[int, ...]],
+    tensor_of: Callable[[str], torch.Tensor],
+    weight_shape: tuple[int, int],
+    k: int,
+    fixes: tuple[str, str, str],
+    mask_name: str,
+) -> None:
+    """Raise `ValueError` when one layer's saved adapter tensors do not fit the layer: the saved weight shape, the
+    kept entries per row against `k`, the packed mask's shape, and the mask's k-per-row invariant. Used on a state
+    dict being loaded (`MaZOLayer._check_loaded_adapter`) and on a safetensors file before any layer is built
+    (`model.py`).
+
+    Args:
+        where (`str`), name (`str`): the adapter and the module checked, for the messages.
+        shapes (`dict`): the saved tensors' shapes by kind ("mazo_shape", "mazo_values", "mazo_columns", ...).
+        tensor_of (`Callable`): the saved tensor of a kind (read only for the shape record and the masks).
+        weight_shape (`tuple`): the layer's (out, in).
+        k (`int`): the kept entries per row that the adapter's config gives.
+        fixes (`tuple`): the fix to name for a layer of other sizes, for a config that does not match the weights,
+            and for a broken mask ("" adds nothing to the mask check's own message).
+        mask_name (`str`): how the mask is named in its errors.
+    """
+    fix_base, fix_config, fix_mask = fixes
+    out_features, in_features = weight_shape
+    if "mazo_shape" in shapes:
+        saved = tuple(int(v) for v in tensor_of("mazo_shape").tolist())
+        if saved != weight_shape:
+            raise ValueError(
+                f"{where}: '{name}' was saved for a weight of shape (out, in) = {saved}, but this base model's layer "
+                f"has shape {weight_shape}: a model of other sizes. {fix_base}"
+            )
+    for kind in ("mazo_values", "mazo_columns"):
+        if kind in shapes and shapes[kind] != (out_features, k):
+            raise ValueError(
+                f"{where} was saved with {shapes[kind][-1]} kept entries per row in '{name}', but its "
+                f"adapter_config.json (its sparsity and scorer) gives k = {k}. {fix_config}"
+            )
+    packed = (out_features, math.ceil(in_features / 8))
+    if "mazo_bits" in shapes and shapes["mazo_bits"] != packed:
+        raise ValueError(
+            f"{where} holds a packed mask of shape {shapes['mazo_bits']} for '{name}', but the layer's shape "
+            f"{weight_shape} needs {packed}. {fix_base}"
+        )
+    try:
+        if "mazo_columns" in shapes:
+            mask_ops.check_columns(tensor_of("mazo_columns"), in_features, name=mask_name)
+        if "mazo_bits" in shapes:
+            bits = tensor_of("mazo_bits")
+            mask_ops.check_row_counts(mask_ops.unpack_bits(bits, in_features), k, name=mask_name)
+    except ValueError as error:
+        if not fix_mask:
+            raise
+        raise ValueError(f"{error} {fix_mask}") from None
 
 
 class Linear(nn.Module, MaZOLayer):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -13,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MaZOConfig
-from .layer import Linear, MaZOLayer, mazo_layers, resolve_adapter
+from .layer import Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
 from .quantized import quantization_kind
 
 
@@ -262,13 +261,15 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
         return
     from safetensors import safe_open
 
-    from . import mask as mask_ops
-
     where = f"The MaZO adapter in {source}"
     fix_base = "Load it onto the base model it was trained on"
     if config.base_model_name_or_path:
         fix_base += f" ({config.base_model_name_or_path})"
     fix_config = "Use the adapter_config.json saved with these weights (or save the adapter again)."
+    fix_mask = (
+        "The mask file was edited or damaged: restore the adapter from its original save, or recompute the mask "
+        "(compute_importance) and save it again."
+    )
     modules = dict(model.named_modules())
     try:
         handle_context = safe_open(str(path), framework="pt")
@@ -314,15 +315,18 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                     f"{type(base).__name__}: the adapter was saved for another architecture. {fix_base}."
                 )
             out_features, in_features = base.out_features, base.in_features
-            if "mazo_shape" in kinds:
-                shape = tuple(int(v) for v in handle.get_tensor(kinds["mazo_shape"]).tolist())
-                if shape != (out_features, in_features):
-                    raise ValueError(
-                        f"{where}: '{name}' was saved for a weight of shape (out, in) = {shape}, but this base "
-                        f"model's layer has shape {(out_features, in_features)}: a model of other sizes. {fix_base}."
-                    )
             k = config.kept_per_row(in_features)
             shapes = {kind: tuple(handle.get_slice(key).get_shape()) for kind, key in kinds.items()}
+            check_saved_layer(
+                where,
+                name,
+                shapes,
+                lambda kind, kinds=kinds: handle.get_tensor(kinds[kind]),
+                (out_features, in_features),
+                k,
+                fixes=(f"{fix_base}.", fix_config, fix_mask),
+                mask_name=f"mask of '{name}' in {path}",
+            )
             if config.r == 0 and ("mazo_A" in shapes or "mazo_B" in shapes):
                 raise ValueError(
                     f"{where} holds LoRA weights (mazo_A, mazo_B) for '{name}', but its adapter_config.json says "
@@ -343,33 +347,9 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                     f"{where} was saved with '{name}'.mazo_B of shape {shapes['mazo_B']}, but r = {config.r} and the "
                     f"layer's out_features = {out_features} need {(out_features, config.r)}. {fix_config}"
                 )
-            for kind in ("mazo_values", "mazo_columns"):
-                if kind in shapes and shapes[kind] != (out_features, k):
-                    raise ValueError(
-                        f"{where} was saved with {shapes[kind][-1]} kept entries per row in '{name}', but its "
-                        f"adapter_config.json (sparsity = {config.sparsity}, scorer = '{config.scorer}') gives "
-                        f"k = {k}. {fix_config}"
-                    )
-            if "mazo_bits" in shapes and shapes["mazo_bits"] != (out_features, math.ceil(in_features / 8)):
-                raise ValueError(
-                    f"{where} holds a packed mask of shape {shapes['mazo_bits']} for '{name}', but the layer's shape "
-                    f"{(out_features, in_features)} needs {(out_features, math.ceil(in_features / 8))}. {fix_base}."
-                )
             absent = [kind for kind in needed if kind not in kinds]
             if absent:
                 raise ValueError(
                     f"{where} lacks {', '.join(absent)} of '{name}': loading it would leave that layer's delta or "
                     "mask undefined. The file is incomplete; save the adapter again."
                 )
-            mask_name = f"mask of '{name}' in {path}"
-            try:
-                if "mazo_columns" in kinds:
-                    mask_ops.check_columns(handle.get_tensor(kinds["mazo_columns"]), in_features, name=mask_name)
-                if "mazo_bits" in kinds:
-                    bits = handle.get_tensor(kinds["mazo_bits"])
-                    mask_ops.check_row_counts(mask_ops.unpack_bits(bits, in_features), k, name=mask_name)
-            except ValueError as error:
-                raise ValueError(
-                    f"{error} The mask file was edited or damaged: restore the adapter from its original save, or "
-                    "recompute the mask (compute_importance) and save it again."
-                ) from None
