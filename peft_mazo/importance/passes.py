@@ -17,7 +17,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import MaZOLayer
-from .scores import add_damping_, cholesky_with_retry, global_from_factor, greedy_from_parts, row_minmax
+from .scores import (
+    add_damping_,
+    cholesky_with_retry,
+    global_from_factor,
+    greedy_from_parts,
+    input_moments,
+    row_minmax,
+)
 from .statistics import GroupStats, Recorder, StopForward, all_reduce_stats, ieee_float32, plan_windows
 
 
@@ -211,6 +218,9 @@ def collect_task_vectors(
 def _reduce(stats: GroupStats, full: bool, eta: float, damping: float, task: str, layer: str):
     """One group's statistics of one task -> its score vectors, freeing the n×n matrix as early as possible.
 
+    The formulas are those of `scores` (`input_moments`, `add_damping_`, `greedy_from_parts`, `cholesky_with_retry`,
+    `global_from_factor`), applied in place to the statistics buffer.
+
     Returns:
         mazo: `(norm(S_global), norm(S_greedy))`, two (n,) float32 vectors (min-max normalised in float64);
         wanda: `(Σx²,)`, one (n,) float32 vector.
@@ -218,14 +228,13 @@ def _reduce(stats: GroupStats, full: bool, eta: float, damping: float, task: str
     if not full:
         _check_finite(stats.sq_sum, task, layer)
         return (stats.sq_sum,)
-    g = stats.input_sum / stats.tokens
-    hessian, stats.xtx, stats.input_sum, stats.buffer = stats.xtx, None, None, None  # `del hessian` frees the buffer
-    hessian.div_(stats.tokens)  # XᵀX / N, in place
+    tokens, input_sum, xtx = stats.tokens, stats.input_sum, stats.xtx
+    stats.xtx, stats.input_sum, stats.buffer = None, None, None  # `del hessian` below frees the buffer
+    g, hessian = input_moments(tokens, input_sum, xtx, inplace=True)  # XᵀX / N, in place
+    del input_sum, xtx
     _check_finite(hessian, task, layer)
     lam = add_damping_(hessian, damping)
-    h_diag = hessian.diagonal().clone()
-    h_g = hessian @ g
-    greedy = greedy_from_parts(g.double(), h_diag.double(), h_g.double(), eta)
+    greedy = greedy_from_parts(g.double(), hessian.diagonal().double(), (hessian @ g).double(), eta)
     factor = cholesky_with_retry(hessian, lam)
     del hessian
     glob = global_from_factor(g, factor).double()

@@ -1,12 +1,19 @@
 """The importance scores of MAZO_SPEC §3 as pure functions on tensors (no model; any float dtype, used as-is by the
-tests in float64): `input_moments`, `damped_hessian`, `global_scores`, `greedy_scores`, `row_minmax`, `mazo_scores`,
-`wanda_scores`, `aggregate_scores`, and the Cholesky helpers they share with the mask search.
+tests in float64).
+
+Each formula is written once, as a building block that the mask search calls directly: `row_minmax`, `input_moments`,
+`add_damping_` (λ), `cholesky_with_retry`, `global_from_factor` (S_global), `greedy_from_parts` (S_greedy),
+`mazo_vector` and `mazo_task_scores` (S^t), `wanda_scores`, `aggregate_scores` (S). The one-call functions
+`damped_hessian`, `global_scores`, `greedy_scores` and `mazo_scores` are thin compositions of those blocks; the search
+composes the same blocks in bounded memory (in place, the n×n matrix freed before the triangular solves, rows in
+blocks).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Optional
 
 import torch
 
@@ -36,11 +43,16 @@ def row_minmax(scores: torch.Tensor) -> torch.Tensor:
     return (scores - low) / torch.where(span > 0, span, torch.ones_like(span))
 
 
-def input_moments(n_tokens: int, input_sum: torch.Tensor, xtx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean input `g = Σx / N` (n,) and uncentred second moment `XᵀX / N` (n, n) from accumulated statistics."""
+def input_moments(
+    n_tokens: int, input_sum: torch.Tensor, xtx: torch.Tensor, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean input `g = Σx / N` (n,) and uncentred second moment `XᵀX / N` (n, n) from accumulated statistics.
+
+    With `inplace=True`, `xtx` itself is divided and returned (the mask search does so, to hold one n×n matrix).
+    """
     if n_tokens <= 0:
         raise ValueError("input_moments needs at least one token (n_tokens > 0).")
-    return input_sum / n_tokens, xtx / n_tokens
+    return input_sum / n_tokens, xtx.div_(n_tokens) if inplace else xtx / n_tokens
 
 
 def damped_hessian(second_moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
@@ -110,7 +122,26 @@ def mazo_scores(
     Returns:
         `torch.Tensor` (out, in) in the dtype of `weight_abs`, not yet row-normalised.
     """
-    return mazo_vector(s_global, s_greedy, alpha, weight_abs.dtype) + beta * row_minmax(weight_abs)
+    (scores,) = mazo_task_scores(weight_abs, [(s_global, s_greedy)], alpha, beta)
+    return scores
+
+
+def mazo_task_scores(
+    weight_abs: torch.Tensor, task_vectors: Sequence[tuple[torch.Tensor, torch.Tensor]], alpha: float, beta: float
+) -> Iterator[torch.Tensor]:
+    """`S^t` of every task in turn (see `mazo_scores`), for one block of rows; `β norm_i(|W|)` is computed once.
+
+    Args:
+        weight_abs (`torch.Tensor`): (rows, in) |W| of a block of rows.
+        task_vectors: per task, its (in,) `(S_global, S_greedy)`.
+        alpha (`float`), beta (`float`): weights of the greedy and magnitude parts.
+
+    Yields:
+        `torch.Tensor` (rows, in) in the dtype of `weight_abs`, one task at a time.
+    """
+    weight_part = beta * row_minmax(weight_abs)
+    for s_global, s_greedy in task_vectors:
+        yield mazo_vector(s_global, s_greedy, alpha, weight_abs.dtype) + weight_part
 
 
 def mazo_vector(s_global: torch.Tensor, s_greedy: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -131,12 +162,24 @@ def wanda_scores(weight_abs: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.
     return weight_abs * input_sq_sum.sqrt().to(weight_abs.dtype)
 
 
-def aggregate_scores(task_scores: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Multi-task score `S = Σ_t norm_i(S^t)` (per-task row normalisation, then a sum), (out, in)."""
+def aggregate_scores(
+    task_scores: Iterable[torch.Tensor], each: Optional[Callable[[int, torch.Tensor], None]] = None
+) -> torch.Tensor:
+    """Multi-task score `S = Σ_t norm_i(S^t)` (per-task row normalisation, then a sum), (out, in).
+
+    Args:
+        task_scores: the `S^t`, one task at a time (a generator keeps one task's scores in memory at a time).
+        each (`Callable`, *optional*): called as `each(t, norm_i(S^t))` for every task before its scores are added
+            (the mask search reads each task's own top-k there); the first task's tensor becomes the sum, so copy it
+            to keep it.
+    """
     total = None
-    for scores in task_scores:
+    for t, scores in enumerate(task_scores):
         normalised = row_minmax(scores)
-        total = normalised if total is None else total + normalised
+        del scores
+        if each is not None:
+            each(t, normalised)
+        total = normalised if total is None else total.add_(normalised)
     if total is None:
         raise ValueError("aggregate_scores needs the scores of at least one task.")
     return total
@@ -199,10 +242,12 @@ def _inverse_diagonal(factor: torch.Tensor) -> torch.Tensor:
 
 
 def global_from_factor(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`S_global = (H⁻¹ g)² / (2 diag(H⁻¹))` from the lower Cholesky factor L of H, (n,)."""
     solution = torch.cholesky_solve(g.unsqueeze(-1).to(factor.dtype), factor).squeeze(-1)
     return solution.square() / (2.0 * _inverse_diagonal(factor))
 
 
 def greedy_from_parts(g: torch.Tensor, h_diag: torch.Tensor, h_g: torch.Tensor, eta: float) -> torch.Tensor:
+    """`S_greedy = η g² + η² diag(H) g² − 4 η² g (H g)` from g, diag(H) and H g (any dtype: the search uses float64)."""
     g_sq = g.square()
     return eta * g_sq + eta**2 * h_diag * g_sq - 4.0 * eta**2 * g * h_g

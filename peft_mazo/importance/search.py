@@ -19,7 +19,7 @@ from ..mask import index_dtype, indices_to_dense, topk_columns
 from ..quantized import dense_weight
 from .passes import TaskData, collect_task_vectors, synchronize, take_batches
 from .report import ImportanceReport, LayerTaskRecord
-from .scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, mazo_vector, row_minmax, wanda_scores
+from .scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores, mazo_task_scores, wanda_scores
 
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,9 @@ def _score_layer(
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
     """Top-k columns of `S = Σ_t norm(S^t)` for one layer, in blocks of rows (every step is row-wise).
 
+    Per block: `mazo_task_scores` (or `wanda_scores`) gives each task's `S^t` in turn, `aggregate_scores` sums their
+    row-normalised values (reading each task's own top-k on the way), and `topk_columns` chooses the kept columns.
+
     Returns:
         `(columns, overlaps, seconds)`: (out, k) kept columns on the CPU (index dtype), and per task the overlap of
         its own top-k set with the final mask and its wall time on this layer.
@@ -190,35 +193,40 @@ def _score_layer(
     weight = dense_weight(layer.get_base_layer())
     out_features, in_features = weight.shape
     device = weight.device
-    vectors = [(task, tuple(v.to(device) for v in vecs)) for task, vecs in task_vectors]
+    vectors = [tuple(v.to(device) for v in vecs) for _, vecs in task_vectors]
     rows = max(1, BLOCK_ELEMENTS // in_features)
     columns = torch.empty(out_features, k, dtype=index_dtype(in_features))
     hits = {task: torch.zeros((), dtype=torch.int64, device=device) for task in tasks}
     seconds = dict.fromkeys(tasks, 0.0)
     shared = 0.0
-    if full:  # the row-independent part of S^t, once per task (mazo_scores = this + β norm_i(|W|))
-        vectors = [(task, mazo_vector(*vecs, alpha, torch.float32)) for task, vecs in vectors]
+    own: dict[str, torch.Tensor] = {}
+    mark = 0.0
+
+    def read_task(t: int, normalised: torch.Tensor) -> None:
+        """A task's own top-k set (for its overlap with the final mask) and its wall time since the previous task."""
+        nonlocal mark
+        if len(tasks) > 1:
+            own[tasks[t]] = topk_columns(normalised, k)
+        synchronize([device])
+        now = time.perf_counter()
+        seconds[tasks[t]] += now - mark
+        mark = now
+
     for start in range(0, out_features, rows):
         begin = time.perf_counter()
         weight_abs = weight[start : start + rows].abs().float()
-        weight_part = beta * row_minmax(weight_abs) if full else None  # shared by the tasks
-        total = torch.zeros_like(weight_abs)
-        own = {}
-        shared += time.perf_counter() - begin
-        for task, vecs in vectors:
-            begin = time.perf_counter()
-            scores = vecs + weight_part if full else wanda_scores(weight_abs, *vecs)
-            scores = row_minmax(scores)
-            total += scores
-            if len(tasks) > 1:
-                own[task] = topk_columns(scores, k)
-            del scores
-            synchronize([device])
-            seconds[task] += time.perf_counter() - begin
-        begin = time.perf_counter()
+        if full:
+            task_scores = mazo_task_scores(weight_abs, vectors, alpha, beta)
+        else:
+            task_scores = (wanda_scores(weight_abs, *vecs) for vecs in vectors)
+        mark = time.perf_counter()
+        shared += mark - begin
+        total = aggregate_scores(task_scores, each=read_task)
+        begin = mark
         final = topk_columns(total, k)
         for task, chosen in own.items():
             hits[task] += indices_to_dense(chosen, in_features).gather(1, final).sum()
+        own.clear()
         columns[start : start + rows] = final.to("cpu", dtype=columns.dtype)
         shared += time.perf_counter() - begin
     kept = out_features * k
