@@ -9,6 +9,7 @@ import torch
 from conftest import make_mlp, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
+import peft_mazo.scores
 from peft_mazo import ImportanceReport, MaZOConfig, compute_importance
 from peft_mazo import importance as imp
 from peft_mazo.mask import kept_per_row, topk_columns
@@ -136,10 +137,10 @@ def test_global_score_closed_form_without_explicit_inverse_matches_inverse():
 
 
 def test_inverse_diagonal_in_blocks(monkeypatch):
-    monkeypatch.setattr(imp.scores, "BLOCK_ELEMENTS", 40)  # blocks of 2 columns for n = 20
+    monkeypatch.setattr(peft_mazo.scores, "BLOCK_ELEMENTS", 40)  # blocks of 2 columns for n = 20
     _, hessian = random_spd(20, seed=4)
     factor = torch.linalg.cholesky(hessian)
-    torch.testing.assert_close(imp.scores._inverse_diagonal(factor), torch.linalg.inv(hessian).diagonal())
+    torch.testing.assert_close(peft_mazo.scores._inverse_diagonal(factor), torch.linalg.inv(hessian).diagonal())
 
 
 def test_global_score_retries_cholesky_with_more_damping(caplog):

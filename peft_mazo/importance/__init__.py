@@ -1,8 +1,8 @@
-"""Weight importance and the multi-task mask of MaZO (MAZO_SPEC §3), one job per module:
+"""The mask search of MaZO (MAZO_SPEC §3): weight importance from calibration data, one job per module:
 
-- `scores`: the scores as pure functions on tensors (no model, any float dtype, used as-is by the tests in float64):
-  `input_moments`, `damped_hessian`, `global_scores`, `greedy_scores`, `row_minmax`, `mazo_scores`, `wanda_scores`,
-  `aggregate_scores`;
+- the scores themselves are pure functions on tensors in `peft_mazo.scores` (no model, any float dtype, used as-is by
+  the tests in float64), re-exported here: `input_moments`, `damped_hessian`, `global_scores`, `greedy_scores`,
+  `row_minmax`, `mazo_scores`, `wanda_scores`, `aggregate_scores`;
 - `statistics`: forward pre-hooks on the MaZO layers that accumulate, per group of layers that read the same input
   tensor (q/k/v, gate/up), the token count N, the sum of the inputs and XᵀX (or only diag(XᵀX) for Wanda), in
   float32, over the non-padding tokens (`attention_mask != 0`); the statistics windows; their sum over ranks;
@@ -24,9 +24,7 @@ per group of its Σx and XᵀX, packed in one buffer, and one of the window's to
 union of the data and builds the same mask.
 """
 
-from .passes import DEFAULT_CUDA_STATS_BYTES, TaskData
-from .report import ImportanceReport, LayerTaskRecord
-from .scores import (
+from ..scores import (
     DEFAULT_DAMPING,
     DEFAULT_ETA,
     aggregate_scores,
@@ -38,6 +36,8 @@ from .scores import (
     row_minmax,
     wanda_scores,
 )
+from .passes import DEFAULT_CUDA_STATS_BYTES, TaskData
+from .report import ImportanceReport, LayerTaskRecord
 from .search import compute_importance
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import MaZOLayer
-from .scores import (
+from ..scores import (
     add_damping_,
     cholesky_with_retry,
     global_from_factor,

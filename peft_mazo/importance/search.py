@@ -17,9 +17,9 @@ from .. import distributed as _dist
 from ..layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
 from ..mask import index_dtype, indices_to_dense, topk_columns
 from ..quantized import dense_weight
+from ..scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores, mazo_task_scores, wanda_scores
 from .passes import TaskData, collect_task_vectors, synchronize, take_batches
 from .report import ImportanceReport, LayerTaskRecord
-from .scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores, mazo_task_scores, wanda_scores
 
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..layer import MaZOLayer
-from .scores import BLOCK_ELEMENTS
+from ..scores import BLOCK_ELEMENTS
 
 
 @contextmanager
