@@ -14,6 +14,7 @@ from peft_mazo import ImportanceReport, MaZOConfig, compute_importance
 from peft_mazo import importance as imp
 from peft_mazo.mask import kept_per_row, topk_columns
 from peft_mazo.quantized import dense_weight
+from peft_mazo.scorers import get_scorer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_statistics_match_brute_force_on_mlp():
     tasks = [("a", batches)]
     layers = model.base_model._mazo_layers()
     vectors, tokens, *_ = imp.passes.collect_task_vectors(
-        model.base_model, layers, tasks, True, imp.DEFAULT_ETA, 0.01, None, False, {}
+        model.base_model, layers, tasks, get_scorer("mazo"), imp.DEFAULT_ETA, 0.01, None, False, {}
     )
     inputs = mlp_layer_inputs(model, batches)
     for index, name in enumerate(["lin0", "lin1"]):
@@ -258,7 +259,9 @@ def test_padding_positions_do_not_change_any_score():
     padded = [{"input_ids": padded_ids, "attention_mask": padded_mask}]
 
     def collect(batches):
-        return imp.passes.collect_task_vectors(tuner, layers, [("t", batches)], True, 1e-3, 0.01, None, False, {})
+        return imp.passes.collect_task_vectors(
+            tuner, layers, [("t", batches)], get_scorer("mazo"), 1e-3, 0.01, None, False, {}
+        )
 
     vectors_plain, tokens_plain, *_ = collect(plain)
     vectors_padded, tokens_padded, *_ = collect(padded)

@@ -17,15 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import MaZOLayer
-from ..scores import (
-    add_damping_,
-    cholesky_with_retry,
-    global_from_factor,
-    greedy_from_parts,
-    input_moments,
-    row_minmax,
-)
-from .statistics import GroupStats, Recorder, StopForward, all_reduce_stats, ieee_float32, plan_windows
+from ..scorers import Scorer
+from .statistics import Recorder, StopForward, all_reduce_stats, ieee_float32, plan_windows
 
 
 DEFAULT_CUDA_STATS_BYTES = 1 << 30
@@ -150,7 +143,7 @@ def collect_task_vectors(
     tuner: nn.Module,
     layers: dict[str, MaZOLayer],
     tasks: list[tuple[str, list[Mapping]]],
-    full: bool,
+    scorer: Scorer,
     eta: float,
     damping: float,
     max_stats_bytes: Optional[int],
@@ -159,10 +152,14 @@ def collect_task_vectors(
 ):
     """Calibration passes, window by window, reduced to n-vectors per (task, group) as soon as a window is done.
 
+    The statistics are those the scorer asks for (`scorer.statistics`), and `scorer.task_vectors` reduces them.
+
     Returns:
-        `(vectors, tokens, vector_seconds, groups, windows, passes)` with `vectors[task][group]` = (S_global,
-        S_greedy) normalised to float32 (mazo) or Σx² (wanda), `tokens[task][group]`, `vector_seconds[task][group]`.
+        `(vectors, tokens, vector_seconds, groups, windows, passes)` with `vectors[task][group]` = the scorer's
+        vectors ((S_global, S_greedy) normalised to float32 for mazo, (Σx²,) for wanda), `tokens[task][group]`,
+        `vector_seconds[task][group]`.
     """
+    full = scorer.statistics == "moments"  # Σx and XᵀX; otherwise Σx² only
     model = tuner.model
     device = _input_device(model)
     no_cache = "use_cache" in inspect.signature(model.forward).parameters
@@ -207,39 +204,13 @@ def collect_task_vectors(
                             f"'{group.leader}'."
                         )
                     tokens[task][group.index] = group_stats.tokens
+                    _check_finite(group_stats.buffer, task, group.leader)
                     with ieee_float32():
-                        vectors[task][group.index] = _reduce(group_stats, full, eta, damping, task, group.leader)
+                        vectors[task][group.index] = scorer.task_vectors(group_stats, eta, damping)
                     del group_stats
                     synchronize([group.device])
                     vector_seconds[task][group.index] = time.perf_counter() - begin
     return vectors, tokens, vector_seconds, recorder.groups, len(windows), passes
-
-
-def _reduce(stats: GroupStats, full: bool, eta: float, damping: float, task: str, layer: str):
-    """One group's statistics of one task -> its score vectors, freeing the n×n matrix as early as possible.
-
-    The formulas are those of `scores` (`input_moments`, `add_damping_`, `greedy_from_parts`, `cholesky_with_retry`,
-    `global_from_factor`), applied in place to the statistics buffer.
-
-    Returns:
-        mazo: `(norm(S_global), norm(S_greedy))`, two (n,) float32 vectors (min-max normalised in float64);
-        wanda: `(Σx²,)`, one (n,) float32 vector.
-    """
-    if not full:
-        _check_finite(stats.sq_sum, task, layer)
-        return (stats.sq_sum,)
-    tokens, input_sum, xtx = stats.tokens, stats.input_sum, stats.xtx
-    stats.xtx, stats.input_sum, stats.buffer = None, None, None  # `del hessian` below frees the buffer
-    g, hessian = input_moments(tokens, input_sum, xtx, inplace=True)  # XᵀX / N, in place
-    del input_sum, xtx
-    _check_finite(hessian, task, layer)
-    lam = add_damping_(hessian, damping)
-    greedy = greedy_from_parts(g.double(), hessian.diagonal().double(), (hessian @ g).double(), eta)
-    factor = cholesky_with_retry(hessian, lam)
-    del hessian
-    glob = global_from_factor(g, factor).double()
-    del factor
-    return row_minmax(glob).float(), row_minmax(greedy).float()
 
 
 def _check_finite(tensor: torch.Tensor, task: str, layer: str) -> None:

@@ -14,10 +14,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as _dist
+from ..config import MaZOConfig
 from ..layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
 from ..mask import index_dtype, indices_to_dense, topk_columns
 from ..quantized import dense_weight
-from ..scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores, mazo_task_scores, wanda_scores
+from ..scorers import Scorer, get_scorer
+from ..scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores
 from .passes import TaskData, collect_task_vectors, synchronize, take_batches
 from .report import ImportanceReport, LayerTaskRecord
 
@@ -42,7 +44,8 @@ def compute_importance(
     For `scorer="mazo"`, per task t and layer: g (mean input), H = XᵀX/N + λI, S_global (Cholesky solve), S_greedy,
     `S^t = norm(S_global) + α norm(S_greedy) + β norm(|W|)`; then `S = Σ_t norm(S^t)` and the top-k of every row
     (ties to the lower column index). `"wanda"` uses `|W_ij| · ‖X_j‖₂` per task with the same aggregation;
-    `"magnitude"` and `"random"` need no data and recompute the adapter's data-free mask; `"none"` has no mask.
+    `"magnitude"` and `"random"` need no data and recompute the adapter's data-free mask; `"none"` has no mask. What
+    each scorer needs and computes is its entry in `peft_mazo.scorers.SCORERS`.
 
     Args:
         model (`nn.Module`): a `PeftModel` or `MaZOModel` holding the MaZO adapter.
@@ -68,12 +71,12 @@ def compute_importance(
     tuner = mazo_tuner(model, caller="compute_importance")
     adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
-    scorer = config.scorer
+    scorer = get_scorer(config.scorer)
     layers = {n: layer for n, layer in mazo_layers(tuner).items() if adapter_name in layer.mazo_k}
     if not layers:
         raise ValueError(f"MaZO adapter '{adapter_name}' adapts no layer; there is no mask to compute.")
-    report = ImportanceReport(scorer=scorer, adapter_name=adapter_name, layers=list(layers))
-    if scorer == "none":
+    report = ImportanceReport(scorer=scorer.name, adapter_name=adapter_name, layers=list(layers))
+    if not scorer.masked:
         logger.warning(
             "MaZO adapter '%s' uses scorer='none' (no mask): compute_importance has nothing to do.", adapter_name
         )
@@ -89,9 +92,9 @@ def compute_importance(
     _check_layers(layers, adapter_name, reset)
     report.settings = {"sparsity": config.sparsity, "num_batches": num_batches}
 
-    if scorer in ("random", "magnitude"):
+    if not scorer.needs_data:  # the adapter's data-free mask again (it may have been replaced with set_masks)
         if calib_loaders is not None:
-            logger.info("scorer=%r is data-free: the calibration loaders are not used.", scorer)
+            logger.info("scorer=%r is data-free: the calibration loaders are not used.", scorer.name)
         columns = {
             name: topk_columns(layer.initial_mask_scores(config, name), layer.mazo_k[adapter_name]).cpu()
             for name, layer in layers.items()
@@ -99,20 +102,21 @@ def compute_importance(
         _write_masks(layers, columns, adapter_name, reset)
         report.total_seconds = time.perf_counter() - start
         logger.info(
-            "MaZO mask (scorer=%s, data-free): %d layer(s) in %.1f s", scorer, len(layers), report.total_seconds
+            "MaZO mask (scorer=%s, data-free): %d layer(s) in %.1f s", scorer.name, len(layers), report.total_seconds
         )
         return report
 
     tasks = take_batches(calib_loaders, num_batches)
     report.tasks = [task for task, _ in tasks]
     if _dist.is_distributed():  # every rank must run the same tasks: their statistics are summed over the ranks
-        _dist.assert_same_on_all_ranks((report.tasks, scorer), "compute_importance's calibration tasks and scorer")
-    full = scorer == "mazo"
-    report.settings.update({"eta": eta, "damping": damping} if full else {})
-    report.settings.update({"alpha": config.alpha, "beta": config.beta} if full else {})
+        _dist.assert_same_on_all_ranks(
+            (report.tasks, scorer.name), "compute_importance's calibration tasks and scorer"
+        )
+    if scorer.statistics == "moments":  # S_global and S_greedy: η, the damping, α and β apply
+        report.settings.update({"eta": eta, "damping": damping, "alpha": config.alpha, "beta": config.beta})
 
     vectors, tokens, vector_seconds, groups, windows, passes = collect_task_vectors(
-        tuner, layers, tasks, full, eta, damping, max_stats_bytes, progress, report.task_seconds
+        tuner, layers, tasks, scorer, eta, damping, max_stats_bytes, progress, report.task_seconds
     )
     report.settings.update({"windows": windows, "forward_passes": passes})
     group_of = {name: group for group in groups for name in group.members}
@@ -122,7 +126,7 @@ def compute_importance(
         group = group_of[name]
         k = layer.mazo_k[adapter_name]
         task_vectors = [(task, vectors[task][group.index]) for task in report.tasks]
-        columns[name], overlaps, seconds = _score_layer(layer, k, task_vectors, config.alpha, config.beta, full)
+        columns[name], overlaps, seconds = _score_layer(layer, k, task_vectors, scorer, config)
         for task in report.tasks:
             share = vector_seconds[task][group.index] / len(group.members)
             report.records.append(
@@ -139,7 +143,7 @@ def compute_importance(
     report.total_seconds = time.perf_counter() - start
     logger.info(
         "MaZO mask search (scorer=%s): %d task(s), %d layer(s), %d forward pass(es) in %d statistics window(s): %.1f s",
-        scorer,
+        scorer.name,
         len(report.tasks),
         len(layers),
         passes,
@@ -176,14 +180,13 @@ def _score_layer(
     layer: MaZOLayer,
     k: int,
     task_vectors: list[tuple[str, tuple[torch.Tensor, ...]]],
-    alpha: float,
-    beta: float,
-    full: bool,
+    scorer: Scorer,
+    config: MaZOConfig,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
     """Top-k columns of `S = Σ_t norm(S^t)` for one layer, in blocks of rows (every step is row-wise).
 
-    Per block: `mazo_task_scores` (or `wanda_scores`) gives each task's `S^t` in turn, `aggregate_scores` sums their
-    row-normalised values (reading each task's own top-k on the way), and `topk_columns` chooses the kept columns.
+    Per block: `scorer.task_scores` gives each task's `S^t` in turn, `aggregate_scores` sums their row-normalised
+    values (reading each task's own top-k on the way), and `topk_columns` chooses the kept columns.
 
     Returns:
         `(columns, overlaps, seconds)`: (out, k) kept columns on the CPU (index dtype), and per task the overlap of
@@ -215,10 +218,7 @@ def _score_layer(
     for start in range(0, out_features, rows):
         begin = time.perf_counter()
         weight_abs = weight[start : start + rows].abs().float()
-        if full:
-            task_scores = mazo_task_scores(weight_abs, vectors, alpha, beta)
-        else:
-            task_scores = (wanda_scores(weight_abs, *vecs) for vecs in vectors)
+        task_scores = scorer.task_scores(weight_abs, vectors, config)
         mark = time.perf_counter()
         shared += mark - begin
         total = aggregate_scores(task_scores, each=read_task)

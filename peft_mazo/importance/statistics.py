@@ -70,6 +70,10 @@ class GroupStats:
         self.xtx = self.buffer[n:].view(n, n) if full else None
         self.sq_sum = None if full else self.buffer
 
+    def release(self) -> None:
+        """Drop the references to the buffer, so that a consumer holding its own views frees it by dropping them."""
+        self.buffer = self.input_sum = self.xtx = self.sq_sum = None
+
     def add(self, rows: torch.Tensor, drop: Optional[torch.Tensor], kept: int) -> None:
         """Accumulate the (tokens, n) `rows`, zeroing those where `drop` (tokens,) is True, in token chunks."""
         n = rows.shape[-1]
