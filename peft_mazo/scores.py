@@ -1,12 +1,12 @@
 """The importance scores of MAZO_SPEC §3 as pure functions on tensors (no model; any float dtype, used as-is by the
 tests in float64).
 
-Each formula is written once, as a building block that the mask search calls directly: `row_minmax`, `input_moments`,
-`add_damping_` (λ), `cholesky_with_retry`, `global_from_factor` (S_global), `greedy_from_parts` (S_greedy),
-`mazo_vector` and `mazo_task_scores` (S^t), `wanda_scores`, `aggregate_scores` (S). The one-call functions
-`damped_hessian`, `global_scores`, `greedy_scores` and `mazo_scores` are thin compositions of those blocks; the search
-composes the same blocks in bounded memory (in place, the n×n matrix freed before the triangular solves, rows in
-blocks).
+Each formula is written once, as a building block that the mask search (through `peft_mazo.scorers`) calls itself:
+`row_minmax`, `input_moments`, `add_damping_` (λ), `cholesky_with_retry`, `global_from_factor` (S_global),
+`greedy_from_parts` (S_greedy), `mazo_task_scores` (S^t), `wanda_scores`, `aggregate_scores` (S). The one-call
+functions `damped_hessian`, `global_scores`, `greedy_scores` and `mazo_scores` are thin compositions of those blocks;
+the search composes the same blocks in bounded memory (in place, the n×n matrix freed before the triangular solves,
+rows in blocks).
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def mazo_task_scores(
     """
     weight_part = beta * row_minmax(weight_abs)
     for s_global, s_greedy in task_vectors:
-        yield mazo_vector(s_global, s_greedy, alpha, weight_abs.dtype) + weight_part
+        yield _mazo_vector(s_global, s_greedy, alpha, weight_abs.dtype) + weight_part
 
 
-def mazo_vector(s_global: torch.Tensor, s_greedy: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+def _mazo_vector(s_global: torch.Tensor, s_greedy: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
     """The part of `S^t` shared by every row: `norm(S_global) + α norm(S_greedy)`, (in,)."""
     return row_minmax(s_global).to(dtype) + alpha * row_minmax(s_greedy).to(dtype)
 

@@ -143,22 +143,21 @@ class Recorder:
         self._stats.clear()
 
     # -- per batch -----------------------------------------------------------------------------------------------
-    def begin_batch(self, attention_mask: Optional[torch.Tensor]) -> int:
-        """Reset the per-forward state and set the token mask; returns the number of kept tokens (-1: unknown)."""
+    def begin_batch(self, attention_mask: Optional[torch.Tensor]) -> None:
+        """Reset the per-forward state and set the token mask (none when every token counts)."""
         self._call_index = 0
         self._follows_probe = True
         self._latest.clear()
         self._drop.clear()
         self._keep_shape = None
         if attention_mask is None:
-            return -1
+            return
         keep = attention_mask != 0
         if bool(keep.all()):
-            return -1
+            return
         self._keep_shape = keep.shape
         self._drop[keep.device] = ~keep.reshape(-1)
         self._kept = int(keep.sum())
-        return self._kept
 
     def _rows(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
         rows = x.reshape(-1, x.shape[-1])
