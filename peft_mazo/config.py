@@ -13,9 +13,9 @@ from peft.config import PeftConfig
 
 from ._checks import is_finite_number, is_int, is_number
 from ._peft_type import ensure_mazo_peft_type
+from .scorers import SCORERS, get_scorer
 
 
-SCORERS = ("mazo", "wanda", "magnitude", "random", "none")
 DELTA_DTYPES = ("float32", "float64")
 
 
@@ -164,8 +164,8 @@ class MaZOConfig(PeftConfig):
                 f"MaZOConfig.lora_alpha must be > 0 and finite (the LoRA scale is lora_alpha / r), got "
                 f"{self.lora_alpha!r}; leave it unset for lora_alpha = r."
             )
-        if self.scorer not in SCORERS:
-            raise ValueError(f"MaZOConfig.scorer must be one of {SCORERS}, got {self.scorer!r}.")
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise ValueError(f"MaZOConfig.scorer must be one of {tuple(SCORERS)}, got {self.scorer!r}.")
         if self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(
                 f"MaZOConfig.delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}: the trainable state "
@@ -194,7 +194,7 @@ class MaZOConfig(PeftConfig):
             )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("MaZOConfig.layers_pattern only applies with layers_to_transform; set both or neither.")
-        if self.scorer == "none" and self.sparsity > 0:
+        if not get_scorer(self.scorer).masked and self.sparsity > 0:
             warnings.warn(
                 f"MaZOConfig(scorer='none') trains every entry: sparsity={self.sparsity} is ignored.", stacklevel=3
             )
@@ -225,9 +225,9 @@ class MaZOConfig(PeftConfig):
         a mask, every entry with `scorer="none"`."""
         from .mask import kept_per_row
 
-        return in_features if self.scorer == "none" else kept_per_row(in_features, self.sparsity)
+        return kept_per_row(in_features, self.sparsity) if get_scorer(self.scorer).masked else in_features
 
     @property
     def effective_sparsity(self) -> float:
         """The sparsity the mask really has: 0 with `scorer="none"`."""
-        return 0.0 if self.scorer == "none" else self.sparsity
+        return self.sparsity if get_scorer(self.scorer).masked else 0.0

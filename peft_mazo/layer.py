@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -28,7 +27,8 @@ from . import kernels
 from . import mask as mask_ops
 from .backends import dispatch_backend
 from .config import MaZOConfig
-from .quantized import dense_weight, keep_standard_4bit_layout
+from .quantized import keep_standard_4bit_layout
+from .scorers import get_scorer
 
 
 _WARNED_RANKS: set[int] = set()  # LoRA ranks already warned about (r larger than a layer's rank): warn once per r
@@ -50,7 +50,7 @@ class MaZOLayer(BaseTunerLayer):
         self.mazo_shape = BufferDict({}, persistent=True)
         self.mazo_k: dict[str, int] = {}
         self.mazo_scaling: dict[str, float] = {}
-        self.mazo_mask_pending: set[str] = set()  # adapters whose data-driven mask (mazo, wanda) is not computed yet
+        self.mazo_mask_pending: set[str] = set()  # adapters whose data-driven mask is not computed yet
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -78,7 +78,8 @@ class MaZOLayer(BaseTunerLayer):
             )
         device = self.get_base_layer().weight.device
         dtype = config.torch_delta_dtype
-        masked = config.scorer != "none"
+        scorer = get_scorer(config.scorer)
+        masked = scorer.masked
         k = config.kept_per_row(in_features)
         self.mazo_k[adapter_name] = k
         self.mazo_shape[adapter_name] = torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
@@ -98,7 +99,7 @@ class MaZOLayer(BaseTunerLayer):
             self.mazo_A[adapter_name] = nn.Parameter(lora_a)
             self.mazo_B[adapter_name] = nn.Parameter(lora_b)
 
-        if config.scorer in ("mazo", "wanda"):
+        if scorer.needs_data:  # until compute_importance runs
             self.mazo_mask_pending.add(adapter_name)
         if masked and device.type != "meta":
             scores = self.initial_mask_scores(config, module_key)
@@ -108,16 +109,12 @@ class MaZOLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def initial_mask_scores(self, config: MaZOConfig, module_key: str) -> torch.Tensor:
-        """Data-free (out, in) scores for a new adapter's mask.
+        """Data-free (out, in) scores for a new adapter's mask: its scorer's `initial_scores` (`peft_mazo.scorers`).
 
-        "random": uniform scores from a generator seeded by `mask_seed` and the module's name (reproducible, different
-        for every layer). Every other scorer starts from |W| (row-wise magnitude); "mazo" and "wanda" need calibration
-        data and replace it in `compute_importance`.
+        "random": uniform scores seeded by `mask_seed` and the module's name. Every other scorer starts from |W|
+        (row-wise magnitude); "mazo" and "wanda" need calibration data and replace it in `compute_importance`.
         """
-        if config.scorer == "random":
-            generator = torch.Generator().manual_seed(config.mask_seed * 1_000_003 + zlib.crc32(module_key.encode()))
-            return torch.rand(self.out_features, self.in_features, generator=generator)
-        return dense_weight(self.get_base_layer()).abs().float()
+        return get_scorer(config.scorer).initial_scores(self.get_base_layer(), config, module_key)
 
     def _store_columns(self, adapter_name: str, columns: torch.Tensor) -> None:
         """Store the (out, k) kept columns in the adapter's compact form."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .scorers import get_scorer
+
 
 @dataclass(frozen=True)
 class Method:
@@ -35,8 +37,9 @@ class Method:
 
     @property
     def needs_calibration(self) -> bool:
-        """True when the mask needs calibration data (scorer "mazo" or "wanda")."""
-        return self.adapter is not None and self.adapter.get("scorer") in ("mazo", "wanda")
+        """True when the mask needs calibration data (a data-driven scorer: "mazo" or "wanda")."""
+        scorer = self.adapter.get("scorer", "mazo") if self.adapter is not None else None  # MaZOConfig's default
+        return scorer is not None and get_scorer(scorer).needs_data
 
     def adapter_config(self, **overrides: Any) -> dict[str, Any]:
         """The adapter's `MaZOConfig` keyword arguments with `overrides` (None values ignored) applied."""

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import MaZOConfig
 from .layer import Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
 from .quantized import quantization_kind
+from .scorers import get_scorer
 
 
 class MaZOModel(BaseTuner):
@@ -301,7 +302,7 @@ def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
                 f"'{targeted[0]}'): loading it would leave their delta at zero. The file is incomplete; save the "
                 "adapter again."
             )
-        masked = config.scorer != "none"
+        masked = get_scorer(config.scorer).masked
         needed = (("mazo_values",) if config.r == 0 else ("mazo_A", "mazo_B")) + (
             (("mazo_columns",) if config.r == 0 else ("mazo_bits",)) if masked else ()
         )

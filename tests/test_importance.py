@@ -9,10 +9,12 @@ import torch
 from conftest import make_mlp, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
+import peft_mazo.scores
 from peft_mazo import ImportanceReport, MaZOConfig, compute_importance
 from peft_mazo import importance as imp
 from peft_mazo.mask import kept_per_row, topk_columns
 from peft_mazo.quantized import dense_weight
+from peft_mazo.scorers import get_scorer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,10 +138,10 @@ def test_global_score_closed_form_without_explicit_inverse_matches_inverse():
 
 
 def test_inverse_diagonal_in_blocks(monkeypatch):
-    monkeypatch.setattr(imp, "_BLOCK_ELEMENTS", 40)  # blocks of 2 columns for n = 20
+    monkeypatch.setattr(peft_mazo.scores, "BLOCK_ELEMENTS", 40)  # blocks of 2 columns for n = 20
     _, hessian = random_spd(20, seed=4)
     factor = torch.linalg.cholesky(hessian)
-    torch.testing.assert_close(imp._inverse_diagonal(factor), torch.linalg.inv(hessian).diagonal())
+    torch.testing.assert_close(peft_mazo.scores._inverse_diagonal(factor), torch.linalg.inv(hessian).diagonal())
 
 
 def test_global_score_retries_cholesky_with_more_damping(caplog):
@@ -211,7 +213,7 @@ def test_mazo_scores_and_aggregation_follow_the_spec():
 def test_layers_reading_the_same_input_share_statistics():
     model = llama_model()
     tuner = model.base_model
-    with imp._calibration_mode(tuner), imp._Recorder(tuner._mazo_layers()) as recorder:
+    with imp.passes._calibration_mode(tuner), imp.statistics.Recorder(tuner._mazo_layers()) as recorder:
         with recorder.probing():
             tuner.model(input_ids=torch.arange(10).reshape(1, 10))
     groups = sorted(
@@ -226,8 +228,8 @@ def test_statistics_match_brute_force_on_mlp():
     batches = subspace_batches(slice(0, 32))
     tasks = [("a", batches)]
     layers = model.base_model._mazo_layers()
-    vectors, tokens, *_ = imp._collect_task_vectors(
-        model.base_model, layers, tasks, True, imp.DEFAULT_ETA, 0.01, None, False, {}
+    vectors, tokens, *_ = imp.passes.collect_task_vectors(
+        model.base_model, layers, tasks, get_scorer("mazo"), imp.DEFAULT_ETA, 0.01, None, False, {}
     )
     inputs = mlp_layer_inputs(model, batches)
     for index, name in enumerate(["lin0", "lin1"]):
@@ -257,7 +259,9 @@ def test_padding_positions_do_not_change_any_score():
     padded = [{"input_ids": padded_ids, "attention_mask": padded_mask}]
 
     def collect(batches):
-        return imp._collect_task_vectors(tuner, layers, [("t", batches)], True, 1e-3, 0.01, None, False, {})
+        return imp.passes.collect_task_vectors(
+            tuner, layers, [("t", batches)], get_scorer("mazo"), 1e-3, 0.01, None, False, {}
+        )
 
     vectors_plain, tokens_plain, *_ = collect(plain)
     vectors_padded, tokens_padded, *_ = collect(padded)
