@@ -95,9 +95,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
     """(model, tokenizer, description): random weights with the config of `--model-dir`, or a tiny Llama."""
     if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import make_tiny_llama
-        from test_tasks_helpers import make_tiny_tokenizer
+        sys.path.insert(0, str(ROOT))
+        from tests.helpers import make_tiny_llama, make_tiny_tokenizer
 
         return make_tiny_llama(max_position_embeddings=2048).to(device), make_tiny_tokenizer(pad=True), "tiny-llama"
     config = transformers.AutoConfig.from_pretrained(args.model_dir)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from peft import PeftModel, get_peft_model
 
 from peft_mazo import ZOSGD, MaZOConfig
+from tests.helpers import make_tiny_llama
 
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))

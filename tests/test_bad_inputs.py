@@ -23,16 +23,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_tasks_helpers import make_tiny_tokenizer
 from torch import nn
 
 import peft_mazo
 from peft_mazo import ZOSGD, MaZOConfig, runner
 from peft_mazo.cli import main
 from peft_mazo.tasks import TaskDataError, load_examples
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
@@ -587,14 +586,6 @@ CASES: dict[str, Callable[[Env], Attempt]] = {
 # ----------------------------------------------------------------------------------------------------------------------
 # the checks
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_llama(seed=0, max_position_embeddings=256).save_pretrained(path)
-    make_tiny_tokenizer(pad=True).save_pretrained(path)
-    return path
-
-
 def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+
+from tests.helpers import ROOT, SHARED_DATA
 
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {  # script: (extra arguments, a check of its JSON)
     "zo_step.py": (["--configs", "forward,mazo_lora"], lambda r: r["results"]["mazo_lora"]["median_ms"] > 0),
     "forward.py": ([], lambda r: r["device"]),

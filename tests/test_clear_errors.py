@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_tasks_helpers import make_tiny_tokenizer
 
 from peft_mazo import ZOSGD, MaZOConfig
 from peft_mazo import layer as mazo_layer
 from peft_mazo.runner import RunConfig, RunError, run
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -8,25 +8,16 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
 from safetensors.torch import load_file
-from test_tasks_helpers import make_tiny_tokenizer
 
 from peft_mazo.cli import main
 from peft_mazo.methods import METHODS
 from peft_mazo.runner import RunConfig, RunError, latest_checkpoint, run
+from tests.helpers import SHARED_DATA
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 TASKS = ["sst2", "copa"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_llama(seed=0, max_position_embeddings=256).save_pretrained(path)
-    make_tiny_tokenizer(pad=True).save_pretrained(path)
-    return path
 
 
 def small_config(model_dir, out, **overrides) -> RunConfig:

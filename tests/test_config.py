@@ -1,10 +1,10 @@
 """MaZOConfig validation: every bad value names the field and what is allowed."""
 
 import pytest
-from conftest import make_tiny_llama
 from peft import PeftModel, get_peft_model
 
 from peft_mazo import MaZOConfig, MaZOLayer
+from tests.helpers import make_tiny_llama
 
 
 @pytest.mark.parametrize(

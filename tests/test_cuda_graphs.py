@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
 from peft import get_peft_model
-from test_tasks_helpers import make_tiny_tokenizer
 
 from peft_mazo import ZOSGD, MaZOConfig
 from peft_mazo.tasks import TASK_NAMES, CUDAGraphLosses, MultiTaskSampler, pack_batches, packed_losses, sample_tasks
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 pytestmark = [

@@ -23,12 +23,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import make_tiny_llama
 from peft import get_peft_model
 from torch import nn
 
 from peft_mazo import ZOSGD, MaZOConfig, compute_importance
 from peft_mazo import distributed as zo_dist
+from tests.helpers import bitwise_equal, make_tiny_llama, trainable
 
 
 WORLD = 2
@@ -106,10 +106,6 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def trainer_loss(outputs, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     """`compute_loss_func` of the trainer runs: the token mean over the accumulated (and all-gathered) batch."""
     return summed_cross_entropy(outputs.logits, labels) / num_items_in_batch
-
-
-def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -298,12 +294,6 @@ def ranks(tmp_path_factory) -> list[dict]:
         details = [torch.load(p, weights_only=False).get("error") for p in sorted(out.glob("rank*.pt"))]
         pytest.fail(f"a rank failed: {error}\n" + "\n".join(d for d in details if d))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

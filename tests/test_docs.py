@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
-from test_tasks_helpers import make_tiny_tokenizer
+
+from tests.helpers import ROOT, SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.MULTILINE | re.DOTALL

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+
+from tests.helpers import ROOT, SHARED_DATA
 
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 
 

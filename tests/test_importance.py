@@ -6,7 +6,6 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import make_mlp, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
 import peft_mazo.scores
@@ -15,6 +14,7 @@ from peft_mazo import importance as imp
 from peft_mazo.mask import kept_per_row, topk_columns
 from peft_mazo.quantized import dense_weight
 from peft_mazo.scorers import get_scorer
+from tests.helpers import make_mlp, make_tiny_llama
 
 
 # ----------------------------------------------------------------------------------------------------------------------

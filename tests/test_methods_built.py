@@ -5,13 +5,12 @@ another rank would fail here). The expected values are written out from docs/cli
 from __future__ import annotations
 
 import pytest
-from conftest import SHARED_DATA, make_tiny_llama
-from test_tasks_helpers import make_tiny_tokenizer
 
 from peft_mazo import runner
 from peft_mazo.runner import RunConfig, run
 from peft_mazo.zo import ZOSGD
 from peft_mazo.zo.weighting import CoBaWeighting, EqualWeighting, FAMOWeighting
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")

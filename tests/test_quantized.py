@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_mazo import Linear, MaZOConfig
 from peft_mazo.quantized import dense_weight, quantization_kind
+from tests.helpers import make_tiny_llama
 
 
 bnb = pytest.importorskip("bitsandbytes")

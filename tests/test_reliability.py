@@ -18,20 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
-from test_tasks_helpers import make_tiny_tokenizer
 
 import peft_mazo
 import peft_mazo.tasks
 from peft_mazo import runner
 from peft_mazo.cli import main
 from peft_mazo.runner import CheckpointError, RunConfig, RunError, RunFailed, latest_checkpoint, run
+from tests.helpers import ROOT, SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
-TESTS_DIR = Path(__file__).resolve().parent
 TASKS = ["sst2", "copa"]
 # A run of the killed-and-resumed test: every step writes a checkpoint, so that kills often land inside one.
 KILL_ARGS = [
@@ -39,14 +37,6 @@ KILL_ARGS = [
     "--batch-size", "2", "--n-train", "12", "--n-val", "4", "--n-test", "4", "--calib-batches", "1",
     "--calib-batch-size", "4", "--max-length", "96", "--no-eval-before", "--data-dir", str(SHARED_DATA),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_llama(seed=0, max_position_embeddings=256).save_pretrained(path)
-    make_tiny_tokenizer(pad=True).save_pretrained(path)
-    return path
 
 
 def small_config(model_dir: Path, out: Path, **overrides) -> RunConfig:
@@ -226,7 +216,7 @@ def run_in_subprocess(config: RunConfig, patch: str = "") -> subprocess.Complete
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(TESTS_DIR)!r})
+        sys.path.insert(0, {str(ROOT)!r})
         import torch
         torch.set_num_threads(1)
         from peft_mazo import runner

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+
 RESULTS = ROOT / "benchmarks" / "results"
 CITED = re.compile(r"(?:benchmarks/)?results/([A-Za-z0-9_.-]+\.json)")
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SHARED_DATA, make_tiny_llama
-from test_tasks_helpers import make_tiny_tokenizer
 
 from peft_mazo import cli
 from peft_mazo.cli import build_parser, main
 from peft_mazo.runner import RunConfig, RunError, run
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")

@@ -4,23 +4,19 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_mazo import MaZOConfig
-
-
-TESTS_DIR = Path(__file__).resolve().parent
+from tests.helpers import ROOT, make_tiny_llama
 
 
 def run_python(code: str) -> str:
-    """Run `code` in a fresh interpreter (tests/ on sys.path) and return its stdout; fail with its stderr."""
-    prelude = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r})\n"
+    """Run `code` in a fresh interpreter (the repository root on sys.path: `tests.helpers` imports) and return its stdout; fail with its stderr."""
+    prelude = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
     result = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
     )
@@ -57,7 +53,7 @@ def test_save_in_one_process_load_in_another(tmp_path, mode):
         import torch, peft_mazo
         from peft import get_peft_model
         from safetensors.torch import save_file
-        from conftest import make_tiny_llama
+        from tests.helpers import make_tiny_llama
         model = get_peft_model(make_tiny_llama(seed=3), peft_mazo.MaZOConfig(init_weights=False, **{mode!r}))
         # a non-default mask, so that loading must really read it from disk
         masks = {{name: mask.flip(dims=[1]) for name, mask in model.get_masks().items()}}
@@ -85,7 +81,7 @@ def test_save_in_one_process_load_in_another(tmp_path, mode):
         import torch, peft_mazo
         from peft import PeftConfig, PeftModel
         from safetensors.torch import load_file
-        from conftest import make_tiny_llama
+        from tests.helpers import make_tiny_llama
         assert type(PeftConfig.from_pretrained({str(adapter_dir)!r})).__name__ == "MaZOConfig"
         model = PeftModel.from_pretrained(make_tiny_llama(seed=3), {str(adapter_dir)!r})
         ref = load_file({str(ref_file)!r})

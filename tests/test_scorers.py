@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mlp
 from peft import get_peft_model
 
 from peft_mazo import MaZOConfig
 from peft_mazo.mask import kept_per_row
 from peft_mazo.scorers import SCORERS, get_scorer
+from tests.helpers import make_mlp
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_mazo"

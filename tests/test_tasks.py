@@ -8,7 +8,6 @@ import re
 from collections import Counter
 
 import pytest
-from test_tasks_helpers import SHARED_DATA
 
 from peft_mazo.tasks import (
     TASK_NAMES,
@@ -30,6 +29,7 @@ from peft_mazo.tasks import (
     token_f1,
 )
 from peft_mazo.tasks.data import hub_rows_to_records, missing_field
+from tests.helpers import SHARED_DATA
 
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")

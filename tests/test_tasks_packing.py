@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_tasks_helpers import SHARED_DATA, make_tiny_tokenizer
 
 from peft_mazo.tasks import (
     TASK_NAMES,
@@ -20,6 +18,7 @@ from peft_mazo.tasks import (
     supports_packing,
 )
 from peft_mazo.tasks.packing import block_causal_bias, bucket_sizes, pad_packed
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_tasks_helpers import SHARED_DATA, make_tiny_tokenizer
 
 from peft_mazo.tasks import (
     Example,
@@ -28,6 +26,7 @@ from peft_mazo.tasks import (
     score_candidates,
 )
 from peft_mazo.tasks.encoding import truncate
+from tests.helpers import SHARED_DATA, make_tiny_llama, make_tiny_tokenizer
 
 
 SST2 = [

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_llama
 from peft import get_peft_model
 from torch import nn
 from transformers import TrainingArguments
 
 from peft_mazo import ZOSGD, MaZOConfig, MaZOTrainer, MaZOTrainingArguments
+from tests.helpers import make_tiny_llama, trainable
 
 
 transformers.logging.set_verbosity_error()
@@ -78,10 +78,6 @@ class RecordingTrainer(MaZOTrainer):
                 lambda opt, args, kwargs: self.zo_calls.append((len(args[1]), opt.param_groups[0]["lr"]))
             )
         return optimizer
-
-
-def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_mlp, make_tiny_llama
 from peft import get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_mazo import Linear, MaZOConfig
 from peft_mazo.mask import kept_per_row
+from tests.helpers import make_mlp, make_tiny_llama
 
 
 DENSE = dict(sparsity=0.8, r=0)

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_mlp, make_tiny_llama
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -16,6 +15,7 @@ import peft_mazo
 from peft_mazo import ZOSGD, EqualWeighting, MaZOConfig, MaZOLayer, StaticWeighting, TaskWeighting
 from peft_mazo.quantized import quantization_kind
 from peft_mazo.zo import perturbation as zo_perturbation
+from tests.helpers import as_bytes, bitwise_equal, make_mlp, make_tiny_llama, trainable
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -36,26 +36,11 @@ def lm_closure(model: nn.Module, ids: torch.Tensor):
     return lambda: model(input_ids=ids, labels=ids).loss
 
 
-def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def frozen(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every non-trainable parameter and buffer (base weights, masks), cloned."""
     out = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
     return out
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(as_bytes(a[k]), as_bytes(b[k]))
-        for k in a
-    )
 
 
 def quantize_linears_4bit(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
