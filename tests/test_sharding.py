@@ -6,7 +6,7 @@ saw; the tests compare the ranks with each other and with single-process referen
 
 - layout: the base parameters are `DTensor`s sharded on dim 0 over the 2 ranks (odd vocabulary: a padded shard), the
   adapter tensors and masks are plain full tensors, identical on both ranks (rank 1's different LoRA A was replaced by
-  rank 0's); this rank's base bytes equal `predict_memory_per_gpu(...).base_shard`.
+  rank 0's); this rank's base bytes (the local shards' storage, padded) equal `predict_memory_per_gpu(...).base_shard`.
 - ZO steps on the sharded model (float64, dense eager and LoRA lazy): the adapter and the losses equal one process
   without sharding over the same two half batches (micro-batches) bit for bit, and one process over the full batch to
   float64 rounding; the collectives of one step are FSDP's all-gathers of the base (one per unit and forward) and
@@ -132,6 +132,7 @@ def _layout_run(rank: int) -> dict:
         in_sync=zo_dist.check_in_sync(replicated_state(model), what="adapter and masks"),
         base_bytes=local_base_bytes(model),
         base_bytes_unpadded=local_base_bytes(model, padded=False),
+        base_storage_bytes=sum(p.to_local().untyped_storage().nbytes() for p in model.parameters() if is_sharded(p)),
         fsdp_units=fsdp_units,
         twice=twice,
     )
@@ -330,8 +331,9 @@ def test_the_base_is_sharded_and_the_adapter_replicated(ranks):
 
 def test_the_local_base_bytes_are_the_predicted_shard(ranks):
     predicted = predict_memory_per_gpu(TINY_ODD, WORLD, dtype=torch.float32, r=4, sparsity=0.5)
-    for rank in range(WORLD):  # padded: the same on both ranks, the prediction
+    for rank in range(WORLD):  # padded, as FSDP2 allocates the shards: the same on both ranks, the prediction
         assert ranks[rank]["layout"]["base_bytes"] == predicted.base_shard
+        assert ranks[rank]["layout"]["base_storage_bytes"] == predicted.base_shard
     unpadded = [ranks[r]["layout"]["base_bytes_unpadded"] for r in range(WORLD)]
     assert sum(unpadded) == TINY_ODD.num_parameters() * 4  # the shards make up the whole base
     assert unpadded[0] == predicted.base_shard and unpadded[1] == predicted.base_shard - 2 * 64 * 4  # 2 padded rows
