@@ -18,6 +18,7 @@ SCRIPTS = {  # script: (extra arguments, a check of its JSON)
     "forward.py": ([], lambda r: r["device"]),
     "importance.py": ([], lambda r: r["device"]),
     "distributed.py": ([], lambda r: r["speedup"]),
+    "fsdp_memory.py": ([], lambda r: r["results"]["tiny"]["mazo_lora"]["2"]["total"] > 0 and "git_commit" in r),
     "multitask_step.py": (
         ["--methods", "mazo-lora", "--cli-steps", "6", "--data-dir", str(SHARED_DATA)],
         lambda r: r["rows"]["mazo-lora"]["step_fast_ms"] > 0 and r["cli"]["steps"] == 6 and "git_commit" in r,

@@ -4,6 +4,7 @@ problem and the fix, before any tensor is touched)."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -135,6 +136,13 @@ def check_arguments(
         )
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a `torch.distributed` `DTensor` (e.g. a parameter sharded by FSDP2); no DTensor exists before
+    `torch.distributed.tensor` is imported, so this never imports it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def check_trainable_tensor(p: Any, model_param_ids: set[int]) -> None:
     """A tensor given to `ZOSGD` must be a trainable floating-point parameter of the model on a real device."""
     if not isinstance(p, torch.Tensor) or not p.is_floating_point():
@@ -146,6 +154,13 @@ def check_trainable_tensor(p: Any, model_param_ids: set[int]) -> None:
         raise ValueError(
             f"ZOSGD was given a tensor of shape {tuple(p.shape)} with requires_grad=False: frozen weights are "
             "never perturbed or written. Pass only trainable parameters (the default selects them)."
+        )
+    if is_dtensor(p):
+        raise ValueError(
+            f"ZOSGD was given a sharded tensor (DTensor) of shape {tuple(p.shape)}: FSDP sharded the adapter "
+            "itself. ZOSGD perturbs and updates full adapter tensors with the same z on every rank, so the "
+            "adapter must stay replicated: shard only the frozen base with peft_mazo.sharding.shard_base(model) "
+            "(fully_shard with ignored_params=the adapter's tensors)."
         )
     if p.device.type == "meta":
         raise ValueError(
