@@ -33,15 +33,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_distributed import FULL_BATCH_TOLERANCE, bitwise_equal, float64_llama, half, lm_loss, step_batch, trainable
 
 from peft_mazo import ZOSGD, MaZOConfig, MaZOLayer
 from peft_mazo import distributed as zo_dist
 from peft_mazo.memory import LLAMA2_7B, LLAMA2_70B, ModelShapes, predict_memory_per_gpu
 from peft_mazo.sharding import is_sharded, load_from_rank0, local_base_bytes, replicated_state, shard_base
+from tests.helpers import make_tiny_llama
+from tests.test_distributed import (
+    FULL_BATCH_TOLERANCE,
+    bitwise_equal,
+    float64_llama,
+    half,
+    lm_loss,
+    step_batch,
+    trainable,
+)
 
 
 WORLD = 2
