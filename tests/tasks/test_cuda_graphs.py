@@ -1,6 +1,6 @@
 """`CUDAGraphLosses` on a GPU: graphed ZO steps equal direct ones, graphs are reused and never replayed stale.
 
-Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/test_cuda_graphs.py`.
+Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/tasks/test_cuda_graphs.py`.
 """
 
 from __future__ import annotations

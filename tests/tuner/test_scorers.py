@@ -2,7 +2,6 @@
 
 import ast
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +10,10 @@ from peft import get_peft_model
 from peft_mazo import MaZOConfig
 from peft_mazo.mask import kept_per_row
 from peft_mazo.scorers import SCORERS, get_scorer
-from tests.helpers import make_mlp
+from tests.helpers import ROOT, make_mlp
 
 
-PACKAGE = Path(__file__).resolve().parents[1] / "peft_mazo"
+PACKAGE = ROOT / "peft_mazo"
 SPARSITY = 0.75
 
 

@@ -40,8 +40,7 @@ from peft_mazo import ZOSGD, MaZOConfig, MaZOLayer
 from peft_mazo import distributed as zo_dist
 from peft_mazo.memory import LLAMA2_7B, LLAMA2_70B, ModelShapes, predict_memory_per_gpu
 from peft_mazo.sharding import is_sharded, load_from_rank0, local_base_bytes, replicated_state, shard_base
-from tests.helpers import make_tiny_llama
-from tests.test_distributed import (
+from tests.distributed.test_distributed import (
     FULL_BATCH_TOLERANCE,
     bitwise_equal,
     float64_llama,
@@ -50,6 +49,7 @@ from tests.test_distributed import (
     step_batch,
     trainable,
 )
+from tests.helpers import ROOT, make_tiny_llama
 
 
 WORLD = 2
@@ -483,7 +483,7 @@ def test_the_one_gpu_prediction_is_the_measured_h200_peak(file, key, config, row
     leaves out the allocator's rounding)."""
     import json
 
-    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / file).read_text())
+    report = json.loads((ROOT / "benchmarks" / "results" / file).read_text())
     for part in key:
         report = report[part]
     predicted = predict_memory_per_gpu(LLAMA2_7B, 1, batch_per_gpu=rows, seq_len=512, **config)
