@@ -16,7 +16,7 @@ Phases (`--phases`, run in this order, each run skipped when its results exist):
   MTL-ZO's chosen setting, every seed.
 
     python benchmarks/paper_experiment.py --model smollm2-135m --data-dir ../shared/data --phases zero-shot,grid \\
-        --steps 800 --eval-every 50 --parallel 8 --deadline 560 --archive /tmp/paper.tar.gz
+        --steps 800 --eval-every 50 --parallel 4 --deadline 560 --archive /tmp/paper.tar.gz
     python benchmarks/paper_experiment.py --report     # docs/experiment.md from benchmarks/results/paper alone
 
 Runs go to `--out/<run>` (adapters, checkpoints: never copied); as each run finishes, its small files go to
@@ -1007,7 +1007,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-args", default="", help="more `mazo train` flags for every run, e.g. '--dtype float32'"
     )
-    parser.add_argument("--parallel", type=int, default=8, help="runs at a time (on one GPU)")
+    parser.add_argument(
+        "--parallel", type=int, default=4,
+        help="runs at a time on one GPU (they share it by time slices: more add no step throughput, but fill the "
+        "gaps of start-up and evaluation; fewer finish sooner, so a call cut short loses less)",
+    )  # fmt: skip
     parser.add_argument("--deadline", type=float, default=0, help="seconds from the start by which to exit (0: none)")
     parser.add_argument(
         "--grace",
