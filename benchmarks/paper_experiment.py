@@ -517,6 +517,8 @@ def check_protocol(args, records: dict[str, dict]) -> None:
     for record in records.values():
         saved = record.get("protocol", {})
         differ = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
+        if record.get("phase") != "ablation" and record.get("tasks") != args.tasks:
+            differ["tasks"] = (record.get("tasks"), args.tasks)
         if differ:
             changes = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
             sys.exit(
