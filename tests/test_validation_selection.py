@@ -75,7 +75,7 @@ def test_best_adapter_reloaded_gives_the_logged_loss_and_results_score_it(tiny_m
     config = selecting_config(tiny_model_dir, tmp_path / "run")
     results = run(config)
     log = {r["step"]: r for r in read_log(tmp_path / "run" / VALIDATION_LOG)}
-    base, tokenizer = load_model_and_tokenizer(config)
+    base, tokenizer = load_model_and_tokenizer(config.model, device="cpu")
     model = PeftModel.from_pretrained(base, tmp_path / "run" / BEST_DIR)
     splits = sample_tasks(config.tasks, data_dir=config.data_dir, n_train=12, n_val=6, n_test=6, seed=config.seed)
     losses = ValidationSelector(config, config.tasks, splits, tokenizer, tmp_path / "x").losses(model)
