@@ -6,6 +6,10 @@
         --out runs/demo-eval
     mazo methods            # list the methods
 
+Validation-based selection: `mazo train ... --eval-every 50` keeps the adapter of the lowest validation loss as
+`best/`, evaluates it, and records `selected_step` and its validation metrics in results.json; `mazo eval ...
+--split validation` scores the validation examples (drawn from train.jsonl) instead of the test ones.
+
 The flags, their help and their defaults come from `runner.RunConfig` (and `runner.EvalConfig`, its evaluation
 fields) through `transformers.HfArgumentParser`. Exit codes: 0 success, 2 bad input (nothing was done; the message
 names the problem and the fix), 1 a run that stopped after it started (a checkpoint that could not be written, only
@@ -32,7 +36,7 @@ def _optional_int(value: str) -> Optional[int]:
 
 
 # Values that argparse cannot read from a field's type alone: "all" for a count means every example.
-_VALUE_TYPES = {"n_train": _optional_int, "n_test": _optional_int}
+_VALUE_TYPES = {"n_train": _optional_int, "n_test": _optional_int, "n_val_eval": _optional_int}
 # Short forms kept from earlier versions: flag -> (field, value it sets).
 _ALIASES = {"--no-eval-before": ("evaluate_before", False)}
 
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mazo", description="Masked zeroth-order multi-task fine-tuning (MaZO).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     _command(commands, "train", RunConfig, "fine-tune on several tasks and evaluate before and after")
-    _command(commands, "eval", EvalConfig, "evaluate a base model, or a saved adapter, on the test split")
+    _command(
+        commands, "eval", EvalConfig, "evaluate a base model, or a saved adapter, on the test (or validation) split"
+    )
     commands.add_parser("methods", help="list the fine-tuning methods")
     return parser
 
@@ -74,6 +80,12 @@ def _print_table(results: dict) -> None:
     average_before = results.get("average_before")
     average_text = f"{average_before:8.1f}" if average_before is not None else f"{'-':>8}"
     print(f"{'average':<10} {'':<9} {average_text} {results['average_after']:8.1f}")
+    if results.get("split") == "validation":
+        print("(scores on the validation examples, drawn from train.jsonl)")
+    if results.get("average_validation") is not None and results.get("split") != "validation":
+        step = results.get("selected_step")
+        selected = f", selected step {step}" if step is not None else ""
+        print(f"validation average {results['average_validation']:.1f} (drawn from train.jsonl{selected})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -103,7 +103,7 @@ def remove_stale_files(out: Path) -> list[Path]:
     removed = []
     for path in out.iterdir():
         stale_hidden = path.name.startswith(".") and (
-            path.name.startswith((f".{CHECKPOINT_PREFIX}", ".adapter-", ".mazo-write-test-"))
+            path.name.startswith((f".{CHECKPOINT_PREFIX}", ".adapter-", ".best-", ".mazo-write-test-"))
             or path.name.endswith(".tmp")
         )
         stale_checkpoint = path.name.startswith(CHECKPOINT_PREFIX) and path.is_dir() and path != keep

@@ -35,6 +35,11 @@ RESUME_FIELDS = (
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
+# What `mazo eval` (and the before / after evaluation of `mazo train`) scores: the test examples (drawn from
+# validation.jsonl) or the validation examples (drawn from train.jsonl, disjoint from the training examples).
+SPLITS = ("test", "validation")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -86,6 +91,24 @@ class RunConfig:
         True, "replay CUDA graphs of the packed step (GPU only; --no-cuda-graphs: run every forward directly)"
     )
     overwrite: bool = _option(False, "replace the run already in --out (default: refuse a used --out)")
+    eval_every: int = _option(
+        0,
+        "every K steps (and at the last step) log the mean validation loss over the tasks to validation.jsonl and "
+        "keep the adapter with the lowest one as best/, which the final evaluation then scores; results.json also "
+        "gets its validation metrics (zero-shot: the base model's). 0 = off",
+    )
+    n_val_eval: Optional[int] = _option(
+        None, "validation examples per task in the --eval-every loss (the first of the --n-val ones; 'all': every one)"
+    )
+    patience: int = _option(
+        0, "with --eval-every: stop training after this many evaluations without a lower validation loss; 0 = never"
+    )
+    split: str = _option(
+        "test",
+        "the examples the before/after evaluation scores: test (from validation.jsonl) or validation (the --n-val "
+        "examples drawn from train.jsonl, for choices that must not see the test set)",
+        choices=list(SPLITS),
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -134,6 +157,28 @@ class RunConfig:
             )
         if not is_int(self.seed):
             raise RunError(f"--seed must be an integer, got {self.seed!r}.")
+        if not is_int(self.eval_every) or self.eval_every < 0:
+            raise RunError(
+                f"--eval-every must be an integer >= 0 (0 = no validation-based selection), got {self.eval_every!r}; "
+                "e.g. --eval-every 50."
+            )
+        if not is_int(self.patience) or self.patience < 0:
+            raise RunError(f"--patience must be an integer >= 0 (0 = never stop early), got {self.patience!r}.")
+        if self.patience and not self.eval_every:
+            raise RunError(
+                f"--patience {self.patience} counts validation evaluations, but --eval-every is 0 (none are made). "
+                "Pass --eval-every K too, or drop --patience."
+            )
+        if self.n_val_eval is not None and (not is_int(self.n_val_eval) or self.n_val_eval < 1):
+            raise RunError(f"--n-val-eval must be a positive integer or 'all', got {self.n_val_eval!r}.")
+        if self.split not in SPLITS:
+            raise RunError(
+                f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}: test scores the test examples, "
+                "validation the --n-val examples drawn from train.jsonl."
+            )
+        if (self.eval_every or self.split == "validation") and self.n_val == 0:
+            what = f"--eval-every {self.eval_every}" if self.eval_every else "--split validation"
+            raise RunError(f"{what} needs validation examples, but --n-val is 0; pass --n-val >= 1 (e.g. 250).")
         if not is_int(self.max_skipped_steps) or self.max_skipped_steps < 0:
             raise RunError(
                 f"--max-skipped-steps must be an integer >= 0 (0 = never stop on non-finite losses), got "
@@ -162,9 +207,10 @@ class RunConfig:
 
 
 # The RunConfig fields that `mazo eval` takes too.
+# `n_train` and `n_val` decide which examples of train.jsonl are the validation ones (`--split validation`).
 EVAL_FIELDS = (
     "model", "tasks", "out", "data_dir", "n_test", "seed", "eval_batch_size", "max_length", "load_in_4bit", "dtype",
-    "device",
+    "device", "split", "n_train", "n_val",
 )  # fmt: skip
 
 

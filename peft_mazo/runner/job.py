@@ -6,8 +6,13 @@ Outputs in the run directory:
 - `checkpoint-<step>/` (adapter + `state.pt` with optimizer, sampler and log position + `run_config.json`) every
   `save_every` steps, written under a temporary name, fsynced (files and directory) and renamed, with `latest` naming
   the newest complete one;
-- `results.json`: each task's metric before (zero-shot) and after training, and the averages;
-- `loss_curves.png`: the per-task training-loss curves.
+- `results.json`: each task's metric before (zero-shot) and after training, and the averages, on the test examples
+  (`--split validation`: on the validation examples);
+- `loss_curves.png`: the per-task training-loss curves;
+- with `--eval-every K`: `validation.jsonl` (step, mean and per-task validation loss every K steps), `best/` (the
+  adapter of the lowest one, which the final evaluation scores; `adapter/` stays the last step's), and in
+  results.json `selected_step`, `selection` (the validation curve) and `validation` (the selected adapter's task
+  metrics on the validation examples, `average_validation`), so that a setting can be chosen without the test set.
 
 Failure modes, all with a message that names the problem and the fix: bad input raises `RunError` before any model
 is loaded or any file written (including too little free disk space for the checkpoints and an unwritable output
@@ -109,23 +114,36 @@ def _run_locked(config: RunConfig, method, out: Path, on_step: Optional[StepCall
         "tasks": config.tasks,
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
         "sizes": {t: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for t, s in splits.items()},
+        "split": config.split,
         "before": {},
         "after": {},
         "skipped_steps": 0,
     }
+    selections = {}
     for group in groups:
         group_out = out / group[0] if method.per_task else out
         group_results = _run_group(config, method, group, splits, group_out, on_step)
         results["before"].update(group_results["before"])
         results["after"].update(group_results["after"])
         results["skipped_steps"] += group_results.get("skipped_steps", 0)
+        if "validation" in group_results:
+            results.setdefault("validation", {}).update(group_results["validation"])
+        if group_results.get("selection") is not None:
+            selections[group[0] if method.per_task else "all"] = group_results["selection"]
         if group_results.get("cuda_graphs"):
             results.setdefault("cuda_graphs", {})[group[0] if method.per_task else "all"] = group_results[
                 "cuda_graphs"
             ]
-    for key in ("before", "after"):
-        scores = [r["score"] for r in results[key].values()]
-        results[f"average_{key}"] = sum(scores) / len(scores) if scores else None
+    for key in ("before", "after", "validation"):
+        if key in results:
+            scores = [r["score"] for r in results[key].values()]
+            results[f"average_{key}"] = sum(scores) / len(scores) if scores else None
+    if config.eval_every:
+        if method.per_task:
+            results["selected_step"] = {t: s["selected_step"] for t, s in selections.items()}
+        else:
+            results["selected_step"] = selections["all"]["selected_step"] if selections else 0  # 0: zero-shot
+        results["selection"] = selections
     results["wall_seconds"] = time.time() - started
     try:
         write_text_atomically(out / "results.json", json.dumps(results, indent=2))
@@ -141,10 +159,11 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     model, tokenizer = load_model_and_tokenizer(
         config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
     )
-    test_sets = {t: splits[t].test for t in tasks}
-    evaluate = lambda m: evaluate_tasks(  # noqa: E731
-        m, tokenizer, test_sets, batch_size=config.eval_batch_size, max_length=config.max_length
-    )
+
+    def evaluate(m, split: str = config.split) -> dict[str, Any]:
+        examples = {t: splits[t].test if split == "test" else splits[t].val for t in tasks}
+        return evaluate_tasks(m, tokenizer, examples, batch_size=config.eval_batch_size, max_length=config.max_length)
+
     before_path = out / ZERO_SHOT_NAME  # kept so that a resumed run reports the zero-shot scores too
     if config.resume and before_path.is_file():
         before = json.loads(before_path.read_text())
@@ -155,13 +174,22 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     else:
         before = {}
     if not method.trains:
-        return {"before": before, "after": before}
-    model, skipped, graphs = train_group(config, method, tasks, splits, out, model, tokenizer, on_step)
-    return {"before": before, "after": evaluate(model), "skipped_steps": skipped, "cuda_graphs": graphs}
+        results = {"before": before, "after": before}
+        if config.eval_every:
+            results["validation"] = before if config.split == "validation" else evaluate(model, "validation")
+        return results
+    model, skipped, graphs, selection = train_group(config, method, tasks, splits, out, model, tokenizer, on_step)
+    # with --eval-every, `model` holds the selected adapter (best/)
+    results = {"before": before, "after": evaluate(model), "skipped_steps": skipped, "cuda_graphs": graphs}
+    if selection is not None:
+        results["selection"] = selection
+        results["validation"] = results["after"] if config.split == "validation" else evaluate(model, "validation")
+    return results
 
 
 def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
-    """`mazo eval`: load the base model and an adapter directory, evaluate on the test split, write results.json."""
+    """`mazo eval`: load the base model and an adapter directory, evaluate on the test split (`--split validation`:
+    the validation examples drawn from train.jsonl with `--seed`, `--n-train` and `--n-val`), write results.json."""
     from peft import PeftModel
 
     from ..tasks import evaluate_tasks
@@ -182,7 +210,7 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     scores = evaluate_tasks(
         model,
         tokenizer,
-        {t: s.test for t, s in splits.items()},
+        {t: s.test if config.split == "test" else s.val for t, s in splits.items()},
         batch_size=config.eval_batch_size,
         max_length=config.max_length,
     )
@@ -190,6 +218,8 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
         "adapter": adapter,
         "model": config.model,
         "tasks": config.tasks,
+        "split": config.split,
+        "sizes": {t: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for t, s in splits.items()},
         "after": scores,
         "average_after": sum(r["score"] for r in scores.values()) / len(scores),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -23,10 +24,18 @@ from .checkpoint import (
 )
 from .config import RunFailed
 from .losslog import plot_losses, truncate_log
+from .validation import ValidationSelector
+
+
+logger = logging.getLogger(__name__)
 
 
 def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_step):
-    """The ZO training loop of one group of tasks; returns the trained model and the number of skipped steps."""
+    """The ZO training loop of one group of tasks.
+
+    Returns `(model, skipped steps, CUDA-graph counts or None, selection or None)`. With `--eval-every`, the model
+    returned holds the selected adapter (`best/`, the lowest validation loss; the last step's stays in `adapter/`)
+    and `selection` is `ValidationSelector.summary()`."""
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -67,6 +76,8 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
     val_batches = _validation_batches(splits, tasks, tokenizer, config) if method.weighting == "coba" else None
     run_settings = resume_settings(config)
 
+    selector = ValidationSelector(config, tasks, splits, tokenizer, out) if config.eval_every else None
+
     log_path = out / "losses.jsonl"
     divergence = _DivergenceWatch()
     start_step = 0
@@ -78,6 +89,10 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
         truncate_log(log_path, start_step)
     elif log_path.exists():
         log_path.unlink()
+    if selector is not None:
+        selector.start(start_step if checkpoint is not None else None)
+        if checkpoint is None:
+            selector.observe(0, model, candidate=False)  # the curve's starting point, never selected
 
     on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
     graphed = CUDAGraphLosses(model) if config.cuda_graphs and on_gpu else None
@@ -116,18 +131,37 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
                 raise RunFailed(_nonfinite_message(step + 1, max_skips, out))
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             divergence.observe(step + 1, record["loss"], record["lr"])
-            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            stop_early = False
+            if selector is not None and selector.due(step + 1, config.steps):
+                selector.observe(step + 1, model)  # before the checkpoint: best/ is never older than `latest`
+                stop_early = selector.should_stop() and step + 1 < config.steps
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop_early:
                 state = {"optimizer": optimizer.state_dict(), "sampler": sampler_state, "step": step + 1}
                 save_checkpoint(out, step + 1, model, state, run_config=run_settings)
             if on_step is not None:
                 on_step(step + 1, record)
+            if stop_early:
+                stopped_at = step + 1
+                logger.info(
+                    "Stopping at step %d: no lower validation loss in the last %d evaluations (--patience).",
+                    stopped_at,
+                    config.patience,
+                )
+                break
+        else:
+            stopped_at = None
     plot_losses(log_path, out / "loss_curves.png")
     try:
         save_dir_atomically(out / "adapter", model.save_pretrained)
     except OSError as error:
         raise checkpoint_error(error, "the final adapter", out) from error
     graphs = None if graphed is None else {"captures": graphed.captures, "replays": graphed.replays}
-    return model, int(optimizer.state["zo"]["skipped_steps"]), graphs
+    selection = None
+    if selector is not None:
+        if selector.load_best(model) is None:
+            logger.warning("No finite validation loss was seen: the last step's adapter is evaluated.")
+        selection = selector.summary(stopped_at)
+    return model, int(optimizer.state["zo"]["skipped_steps"]), graphs, selection
 
 
 class _DivergenceWatch:

@@ -208,7 +208,8 @@ def test_cli_flags_and_defaults_come_from_run_config():
     )
 
     eval_names = {f.name for f in fields(EvalConfig)}
-    assert "adapter" in eval_names and not {"steps", "lr", "method", "n_train", "resume"} & eval_names
+    assert "adapter" in eval_names and not {"steps", "lr", "method", "eval_every", "resume"} & eval_names
+    assert {"split", "n_train", "n_val"} <= eval_names  # which train.jsonl examples are the validation ones
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--tasks", "sst2", "--out", "o", "--steps", "3"])
     with pytest.raises(SystemExit):  # an evaluation always names where its results go

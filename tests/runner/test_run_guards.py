@@ -69,8 +69,8 @@ def test_sparsity_for_a_method_without_mask_is_refused(model_dirs, tmp_path):
 
 def test_eval_refuses_training_flags_and_help_shows_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["eval", "--model", "m", "--tasks", "sst2", "--out", "o", "--n-train", "5"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --n-train" in capsys.readouterr().err
+        build_parser().parse_args(["eval", "--model", "m", "--tasks", "sst2", "--out", "o", "--eval-every", "5"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --eval-every" in capsys.readouterr().err
     train = build_parser().parse_args(["train", "--model", "m", "--tasks", "sst2", "--out", "o", "--coba-every", "7"])
     assert cli._config(train).coba_every == 7
     with pytest.raises(SystemExit):
