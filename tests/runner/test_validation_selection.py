@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import small_config
 
 from peft_mazo.cli import main
 from peft_mazo.runner import RunConfig, RunError, latest_checkpoint, run
 from peft_mazo.runner.validation import BEST_DIR, SELECTION_NAME, VALIDATION_LOG, ValidationSelector
 from peft_mazo.tasks import sample_tasks
 from tests.helpers import SHARED_DATA
+from tests.runner.test_cli import small_config
 
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
