@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 
 from .methods import METHODS
 from .runner import EvalConfig, RunConfig, RunError, RunFailed, evaluate_adapter, run
+from .runner.ranks import is_writer, log_level
 
 
 def _optional_int(value: str) -> Optional[int]:
@@ -90,7 +91,7 @@ def _print_table(results: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=log_level(), format="%(message)s")  # under torchrun: INFO from rank 0 only
     if args.command == "methods":
         for method in METHODS.values():
             print(f"{method.name:<15} {method.description}")
@@ -112,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resume = " Continue with the same command and --resume." if args.command == "train" else ""
         print(f"\nmazo: interrupted. Checkpoints already written in {args.out} are intact.{resume}", file=sys.stderr)
         return 130
+    if not is_writer():
+        return 0
     _print_table(results)
     print(f"\nresults: {args.out}/results.json")
     return 0

@@ -5,6 +5,7 @@
 - `checkpoint`: atomic checkpoints and `latest`;
 - `loop`: the ZO training loop of one group of tasks;
 - `losslog`: `losses.jsonl` and its plot;
+- `ranks`: what each rank does under `torchrun` / `accelerate launch` (rank 0 writes; no-ops in one process);
 - `job`: `run` and `evaluate_adapter`, which put them together.
 
 Model loading (`load_model_and_tokenizer`, ...) lives in `peft_mazo.models` and is re-exported here.

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from .._atomic import write_text_atomically
 from ..models import load_model_and_tokenizer
+from . import ranks
 from .checkpoint import checkpoint_error
 from .config import RunConfig, RunError
 from .loop import train_group
@@ -62,6 +63,7 @@ def _sample_splits(config: RunConfig) -> dict[str, Any]:
         raise RunError(str(error)) from None
 
 
+@ranks.launched  # under torchrun / accelerate launch every rank runs it, rank 0 writes (runner/ranks.py)
 def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, Any]:
     """Validate, then train (or only evaluate, for "zero-shot") and write the run's outputs. Returns results.json.
 
@@ -72,10 +74,12 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None) -> dict[str, 
     """
     from ..methods import get_method
 
-    validate(config)
+    with ranks.agreed():  # a bad input on any rank stops every rank
+        validate(config)
+        ranks.check_run(config, get_method(config.method))
     method = get_method(config.method)
     out = Path(config.out)
-    with _exclusive_run_dir(out):
+    with ranks.writer_context(_exclusive_run_dir(out)):
         return _run_locked(config, method, out, on_step)
 
 
@@ -145,16 +149,19 @@ def _run_locked(config: RunConfig, method, out: Path, on_step: Optional[StepCall
             results["selected_step"] = selections["all"]["selected_step"] if selections else 0  # 0: zero-shot
         results["selection"] = selections
     results["wall_seconds"] = time.time() - started
+    ranks.on_writer(_write_results, out, results)
+    return results
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     try:
         write_text_atomically(out / "results.json", json.dumps(results, indent=2))
     except OSError as error:
         raise checkpoint_error(error, "results.json", out) from error
-    return results
 
 
 def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepCallback]) -> dict[str, Any]:
-    from ..tasks import evaluate_tasks
-
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(
         config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
@@ -162,7 +169,9 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
 
     def evaluate(m, split: str = config.split) -> dict[str, Any]:
         examples = {t: splits[t].test if split == "test" else splits[t].val for t in tasks}
-        return evaluate_tasks(m, tokenizer, examples, batch_size=config.eval_batch_size, max_length=config.max_length)
+        return ranks.evaluate_tasks(
+            m, tokenizer, examples, batch_size=config.eval_batch_size, max_length=config.max_length
+        )
 
     before_path = out / ZERO_SHOT_NAME  # kept so that a resumed run reports the zero-shot scores too
     if config.resume and before_path.is_file():
@@ -170,7 +179,7 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     elif (config.evaluate_before or not method.trains) and not config.resume:
         before = evaluate(model)
         if method.trains:
-            write_text_atomically(before_path, json.dumps(before, indent=2))
+            ranks.on_writer(write_text_atomically, before_path, json.dumps(before, indent=2))
     else:
         before = {}
     if not method.trains:
@@ -187,27 +196,28 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     return results
 
 
+@ranks.launched
 def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
     """`mazo eval`: load the base model and an adapter directory, evaluate on the test split (`--split validation`:
     the validation examples drawn from train.jsonl with `--seed`, `--n-train` and `--n-val`), write results.json."""
     from peft import PeftModel
 
-    from ..tasks import evaluate_tasks
-
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise RunError(
-            f"--adapter {adapter} has no adapter_config.json; pass a directory written by save_pretrained (e.g. the "
-            "run's adapter/ or a checkpoint-<step>/)."
-        )
-    config.method = "zero-shot"
-    validate(config)
-    check_adapter_fits(config, adapter)
+    with ranks.agreed():
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise RunError(
+                f"--adapter {adapter} has no adapter_config.json; pass a directory written by save_pretrained (e.g. "
+                "the run's adapter/ or a checkpoint-<step>/)."
+            )
+        config.method = "zero-shot"
+        validate(config)
+        check_adapter_fits(config, adapter)
+        ranks.check_run(config)
     splits = _sample_splits(config)
     model, tokenizer = load_model_and_tokenizer(
         config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
     )
     model = PeftModel.from_pretrained(model, adapter)
-    scores = evaluate_tasks(
+    scores = ranks.evaluate_tasks(
         model,
         tokenizer,
         {t: s.test if config.split == "test" else s.val for t, s in splits.items()},
@@ -223,6 +233,5 @@ def evaluate_adapter(config: RunConfig, adapter: str) -> dict[str, Any]:
         "after": scores,
         "average_after": sum(r["score"] for r in scores.values()) / len(scores),
     }
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    write_text_atomically(Path(config.out) / "results.json", json.dumps(results, indent=2))
+    ranks.on_writer(_write_results, Path(config.out), results)
     return results

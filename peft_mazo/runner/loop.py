@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._atomic import save_dir_atomically
+from . import ranks
 from .checkpoint import (
     checkpoint_error,
     latest_checkpoint,
@@ -46,7 +47,7 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
     from ..zo import ZOSGD
     from ..zo.weighting import make_weighting
 
-    remove_stale_files(out)
+    ranks.on_writer(remove_stale_files, out)  # the other ranks wait: they read `latest` next
     adapter_kwargs = method.adapter_config(sparsity=config.sparsity, r=config.r)
     torch.manual_seed(config.seed)  # LoRA's A is drawn from the global generator: same seed, same adapter
     model = get_peft_model(model, MaZOConfig(**adapter_kwargs))
@@ -63,8 +64,8 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
             seed=config.seed,
             max_length=config.max_length,
         )
-        report = model.compute_importance(loaders, progress=False)
-        (out / "importance.txt").write_text(report.table())
+        report = model.compute_importance(ranks.shard_calibration(loaders), progress=False)  # summed over ranks
+        ranks.on_writer((out / "importance.txt").write_text, report.table())
 
     weighting = make_weighting(method.weighting, num_tasks=len(tasks))
     lr = config.lr if config.lr is not None else method.lr
@@ -86,9 +87,10 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
-        truncate_log(log_path, start_step)
-    elif log_path.exists():
+        ranks.on_writer(truncate_log, log_path, start_step)
+    elif log_path.exists() and ranks.is_writer():
         log_path.unlink()
+    ranks.check_in_sync(model, optimizer)  # one mask, one adapter, one optimizer state on every rank
     if selector is not None:
         selector.start(start_step if checkpoint is not None else None)
         if checkpoint is None:
@@ -97,11 +99,14 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
     on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
     graphed = CUDAGraphLosses(model) if config.cuda_graphs and on_gpu else None
     steps = _StepFeed(sampler, tokenizer, config.max_length, pack=supports_packing(model))
-    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=method.name)
-    with open(log_path, "a") as log:
+    progress = tqdm(
+        range(start_step, config.steps), initial=start_step, total=config.steps, desc=method.name,
+        disable=not ranks.is_writer(),
+    )  # fmt: skip
+    with ranks.open_log(log_path) as log:
         for step in progress:
             if val_batches is not None and step % config.coba_every == 0:
-                weighting.observe_validation(step, multitask_losses(model, val_batches))
+                weighting.observe_validation(step, ranks.mean_over_ranks(multitask_losses(model, val_batches)))
             batches, packed, sampler_state = steps.take()
             started = time.time()
             stopped = False
@@ -137,7 +142,7 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
                 stop_early = selector.should_stop() and step + 1 < config.steps
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop_early:
                 state = {"optimizer": optimizer.state_dict(), "sampler": sampler_state, "step": step + 1}
-                save_checkpoint(out, step + 1, model, state, run_config=run_settings)
+                ranks.on_writer(save_checkpoint, out, step + 1, model, state, run_config=run_settings)
             if on_step is not None:
                 on_step(step + 1, record)
             if stop_early:
@@ -150,11 +155,7 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
                 break
         else:
             stopped_at = None
-    plot_losses(log_path, out / "loss_curves.png")
-    try:
-        save_dir_atomically(out / "adapter", model.save_pretrained)
-    except OSError as error:
-        raise checkpoint_error(error, "the final adapter", out) from error
+    ranks.on_writer(_save_final, out, log_path, model)
     graphs = None if graphed is None else {"captures": graphed.captures, "replays": graphed.replays}
     selection = None
     if selector is not None:
@@ -162,6 +163,14 @@ def train_group(config, method, tasks, splits, out: Path, model, tokenizer, on_s
             logger.warning("No finite validation loss was seen: the last step's adapter is evaluated.")
         selection = selector.summary(stopped_at)
     return model, int(optimizer.state["zo"]["skipped_steps"]), graphs, selection
+
+
+def _save_final(out: Path, log_path: Path, model) -> None:
+    plot_losses(log_path, out / "loss_curves.png")
+    try:
+        save_dir_atomically(out / "adapter", model.save_pretrained)
+    except OSError as error:
+        raise checkpoint_error(error, "the final adapter", out) from error
 
 
 class _DivergenceWatch:
@@ -199,7 +208,7 @@ class _StepFeed:
     The state saved with a checkpoint is the one after the step it follows, not after the prepared one."""
 
     def __init__(self, sampler, tokenizer, max_length: int, pack: bool) -> None:
-        self._encoded = sampler.encoded(tokenizer, max_length=max_length)
+        self._encoded = ranks.encoded_shards(sampler, tokenizer, max_length)  # this rank's share of every step
         self._sampler = sampler
         self._pack = pack
         self._ready: Optional[tuple] = None
@@ -252,4 +261,7 @@ def _nonfinite_message(step: int, max_skips: int, out: Path) -> str:
 def _validation_batches(splits, tasks, tokenizer, config):
     from ..tasks import encode_batch
 
-    return {t: encode_batch(tokenizer, list(splits[t].val[: config.batch_size]), config.max_length) for t in tasks}
+    return {
+        t: encode_batch(tokenizer, ranks.shard_examples(list(splits[t].val[: config.batch_size])), config.max_length)
+        for t in tasks
+    }

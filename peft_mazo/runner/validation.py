@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .._atomic import save_dir_atomically
+from . import ranks
 from .checkpoint import checkpoint_error
 from .losslog import truncate_log
 
@@ -57,6 +58,7 @@ class ValidationSelector:
         for task in self.tasks:
             examples = list(splits[task].val[: config.n_val_eval])
             self.counts[task] = len(examples)
+            examples = ranks.strided_share(examples)  # several ranks: each evaluates a share, the sums are added
             for index, start in enumerate(range(0, len(examples), size)):
                 if index == len(chunks):
                     chunks.append({})
@@ -78,10 +80,9 @@ class ValidationSelector:
         its checkpoint's step and reads the best-so-far back from `best/selection.json`."""
         best_dir = self.out / BEST_DIR
         if resume_step is None:
-            self.log_path.unlink(missing_ok=True)
-            shutil.rmtree(best_dir, ignore_errors=True)
+            ranks.on_writer(_remove, self.log_path, best_dir)
             return
-        truncate_log(self.log_path, resume_step)
+        ranks.on_writer(truncate_log, self.log_path, resume_step)
         if self.log_path.exists():
             self.history = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
         selection = best_dir / SELECTION_NAME
@@ -116,6 +117,7 @@ class ValidationSelector:
                     totals[task] += value * len(chunk[task])
         finally:
             model.train(was_training)
+        totals = ranks.sum_over_ranks(totals)
         return {task: totals[task] / self.counts[task] for task in self.tasks}
 
     def observe(self, step: int, model, candidate: bool = True) -> dict[str, Any]:
@@ -125,12 +127,14 @@ class ValidationSelector:
         improved = candidate and _finite(mean) and (self.best is None or mean < self.best["loss"])
         record = {"step": step, "loss": mean, "losses": losses, "candidate": candidate, "best": improved}
         if improved:
-            self._save_best(model, {"step": step, "loss": mean, "losses": losses})
+            selection = {"step": step, "loss": mean, "losses": losses}
+            ranks.on_writer(self._save_best, model, selection)
+            self.best = selection  # on every rank (the losses are the same everywhere)
             self.since_best = 0
         elif candidate:
             self.since_best += 1
         try:
-            with open(self.log_path, "a") as log:
+            with ranks.open_log(self.log_path) as log:
                 log.write(json.dumps(record) + "\n")
         except OSError as error:
             raise checkpoint_error(error, VALIDATION_LOG, self.out) from error
@@ -173,6 +177,11 @@ class ValidationSelector:
             "stopped_early_at": stopped_at,
             "curve": [[r["step"], r["loss"]] for r in self.history],
         }
+
+
+def _remove(log_path: Path, best_dir: Path) -> None:
+    log_path.unlink(missing_ok=True)
+    shutil.rmtree(best_dir, ignore_errors=True)
 
 
 def _finite(value: Any) -> bool:
