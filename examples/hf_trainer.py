@@ -6,11 +6,16 @@ two parts, the second resuming from the first one's checkpoint (the result is th
 
     python examples/hf_trainer.py [--model smollm2-135m] [--steps 20] [--out out/hf_trainer]
     python examples/hf_trainer.py --model tiny --steps 4
+
+Unchanged under several processes (data parallel, docs/distributed.md): `torchrun --nproc_per_node 2
+examples/hf_trainer.py --model tiny --steps 4` (gloo on CPUs, NCCL on GPUs) or `accelerate launch --num_processes 2
+...`; rank 0 prints and saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from _common import DATA_DIR, check_data_dir, load
@@ -20,6 +25,11 @@ from transformers import DataCollatorForSeq2Seq
 
 import peft_mazo
 from peft_mazo.tasks import calibration_loaders, sample_tasks
+
+
+def say(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 only
+        print(text)
 
 
 def main() -> None:
@@ -49,7 +59,7 @@ def main() -> None:
 
     train = Dataset.from_list([features(e) for s in splits.values() for e in s.train]).shuffle(seed=0)
     val = Dataset.from_list([features(e) for s in splits.values() for e in s.val])
-    print(f"tasks {tasks}: {len(train)} training and {len(val)} validation sequences")
+    say(f"tasks {tasks}: {len(train)} training and {len(val)} validation sequences")
 
     model = get_peft_model(base, peft_mazo.MaZOConfig(sparsity=0.8, r=16))
     loaders = calibration_loaders(
@@ -84,21 +94,22 @@ def main() -> None:
             model=model, args=training_args, train_dataset=train, eval_dataset=val, data_collator=collator
         )
 
-    print(f"part 1: steps 1-{first_part}")
+    say(f"part 1: steps 1-{first_part}")
     trainer().train()
     training_args.max_steps = args.steps
-    print(f"part 2: resume from {args.out}/checkpoint-{first_part}, steps {first_part + 1}-{args.steps}")
+    say(f"part 2: resume from {args.out}/checkpoint-{first_part}, steps {first_part + 1}-{args.steps}")
     second = trainer()
     second.train(resume_from_checkpoint=True)
 
     for log in second.state.log_history:
         if "loss" in log:
-            print(f"step {log['step']}: loss {log['loss']:.4f}, projected gradient {log['zo_projected_grad']:+.4f}")
+            say(f"step {log['step']}: loss {log['loss']:.4f}, projected gradient {log['zo_projected_grad']:+.4f}")
         if "eval_loss" in log:
-            print(f"step {log['step']}: eval_loss {log['eval_loss']:.4f}")
-    print(f"skipped (non-finite) steps: {second.zo_optimizer().state['zo']['skipped_steps']}")
-    model.save_pretrained(f"{args.out}/adapter")
-    print(f"wrote the checkpoints and {args.out}/adapter")
+            say(f"step {log['step']}: eval_loss {log['eval_loss']:.4f}")
+    say(f"skipped (non-finite) steps: {second.zo_optimizer().state['zo']['skipped_steps']}")
+    if second.is_world_process_zero():  # every rank holds the same adapter: one writes it
+        model.save_pretrained(f"{args.out}/adapter")
+    say(f"wrote the checkpoints and {args.out}/adapter")
 
 
 if __name__ == "__main__":
