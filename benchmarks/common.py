@@ -5,6 +5,7 @@ The scripts run as `python benchmarks/<name>.py`, so this module is importable a
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import statistics
@@ -152,3 +153,35 @@ def provenance() -> dict[str, Any]:
         "git_commit": os.environ.get("MAZO_GIT_COMMIT") or git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
     }
+
+
+def add_model_shape_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: bool = True,
+    dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32"),
+) -> None:
+    """The arguments every Llama-2-7B-shaped benchmark takes: device, `--tiny`, the model's shapes (Llama-2-7B by
+    default), batch and sequence length, dtype, and the two MaZO adapters (dense ρ, LoRA ρ and r)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a smoke test (CPU friendly)")
+    parser.add_argument("--hidden-size", type=int, default=4096)
+    parser.add_argument("--intermediate-size", type=int, default=11008)
+    parser.add_argument("--num-layers", type=int, default=32)
+    parser.add_argument("--num-heads", type=int, default=32)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16", choices=list(dtypes))
+    parser.add_argument("--dense-sparsity", type=float, default=0.9)
+    parser.add_argument("--lora-sparsity", type=float, default=0.8)
+    parser.add_argument("--lora-r", type=int, default=64)
+
+
+def use_tiny_shapes(args: argparse.Namespace) -> None:
+    """`--tiny`: shapes small enough for a CPU smoke run (2 layers of width 128, 32 tokens, batch 2)."""
+    args.hidden_size, args.intermediate_size, args.num_layers = 128, 256, 2
+    args.num_heads, args.vocab_size, args.seq_len = 4, 256, 32
+    if hasattr(args, "batch_size"):
+        args.batch_size = 2

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import random_llama  # noqa: E402  (benchmarks/common.py)
+from common import add_model_shape_arguments, random_llama, use_tiny_shapes  # noqa: E402  (benchmarks/common.py)
 
 
 ALL_CONFIGS = ("mazo_dense", "mazo_lora")
@@ -59,19 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help="internal: run as one torchrun rank")
     parser.add_argument("--nprocs", default="1,2", help="world sizes to compare (driver)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a smoke test (CPU friendly)")
-    parser.add_argument("--hidden-size", type=int, default=4096)
-    parser.add_argument("--intermediate-size", type=int, default=11008)
-    parser.add_argument("--num-layers", type=int, default=32)
-    parser.add_argument("--num-heads", type=int, default=32)
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    add_model_shape_arguments(parser, batch_size=False)
     parser.add_argument("--global-batch-sizes", default="16,64,128", help="rows per step over all ranks (comma list)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--dense-sparsity", type=float, default=0.9)
-    parser.add_argument("--lora-sparsity", type=float, default=0.8)
-    parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
@@ -81,8 +70,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per torchrun (driver)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.hidden_size, args.intermediate_size, args.num_layers = 128, 256, 2
-        args.num_heads, args.vocab_size, args.seq_len = 4, 256, 32
+        use_tiny_shapes(args)
         args.dtype = "float32" if args.device == "cpu" else args.dtype  # bf16 CPU kernels: slow and noisy
         args.global_batch_sizes = "4,8"
         args.repeats, args.warmup = min(args.repeats, 3), min(args.warmup, 1)

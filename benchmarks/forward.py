@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter, random_llama  # noqa: E402  (benchmarks/common.py)
+from common import Meter, add_model_shape_arguments, random_llama, use_tiny_shapes  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -64,19 +64,7 @@ TARGETS = {"dense_forward_vs_base": 1.05, "lora_forward_vs_base": 1.08, "dense_s
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a smoke test (CPU friendly)")
-    parser.add_argument("--hidden-size", type=int, default=4096)
-    parser.add_argument("--intermediate-size", type=int, default=11008)
-    parser.add_argument("--num-layers", type=int, default=32)
-    parser.add_argument("--num-heads", type=int, default=32)
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--dense-sparsity", type=float, default=0.9)
-    parser.add_argument("--lora-sparsity", type=float, default=0.8)
-    parser.add_argument("--lora-r", type=int, default=64)
+    add_model_shape_arguments(parser, dtypes=("bfloat16", "float16"))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--step-repeats", type=int, default=5)
@@ -88,8 +76,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/forward_<device>.json)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.hidden_size, args.intermediate_size, args.num_layers = 128, 256, 2
-        args.num_heads, args.vocab_size, args.batch_size, args.seq_len = 4, 256, 2, 32
+        use_tiny_shapes(args)
         args.lora_r = 8
         args.repeats, args.warmup, args.step_repeats, args.kernel_repeats = 2, 1, 1, 2
     return args

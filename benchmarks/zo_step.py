@@ -42,7 +42,14 @@ if str(ROOT) not in sys.path:
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter, provenance, quantize_linears_nf4, random_llama  # noqa: E402  (benchmarks/common.py)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    Meter,
+    add_model_shape_arguments,
+    provenance,
+    quantize_linears_nf4,
+    random_llama,
+    use_tiny_shapes,
+)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -62,26 +69,14 @@ GIB = 2**30
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a smoke test (CPU friendly)")
-    parser.add_argument("--hidden-size", type=int, default=4096)
-    parser.add_argument("--intermediate-size", type=int, default=11008)
-    parser.add_argument("--num-layers", type=int, default=32)
-    parser.add_argument("--num-heads", type=int, default=32)
+    add_model_shape_arguments(parser)
     parser.add_argument("--num-kv-heads", type=int, default=None, help="default: --num-heads (Llama-2-7B: no GQA)")
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
         "--no-cache", action="store_true", help="forward with use_cache=False (default: the model's default, True)"
     )
     parser.add_argument(
         "--nf4", action="store_true", help="quantize the decoder linears to bitsandbytes nf4 (bf16 compute)"
     )
-    parser.add_argument("--dense-sparsity", type=float, default=0.9)
-    parser.add_argument("--lora-sparsity", type=float, default=0.8)
-    parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--peft-lora-r", type=int, default=16)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -91,8 +86,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/zo_step_<device>.json)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.hidden_size, args.intermediate_size, args.num_layers = 128, 256, 2
-        args.num_heads, args.vocab_size, args.batch_size, args.seq_len = 4, 256, 2, 32
+        use_tiny_shapes(args)
         args.repeats, args.warmup = min(args.repeats, 3), min(args.warmup, 1)
     args.num_kv_heads = args.num_kv_heads or args.num_heads
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -5,7 +5,6 @@ aggregation, top-k per row, and the `ImportanceReport`; the masks are written on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as _dist
+from .._checks import is_finite_number, is_int
 from ..config import MaZOConfig
 from ..layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
 from ..mask import index_dtype, indices_to_dense, topk_columns
@@ -83,9 +83,7 @@ def compute_importance(
         return report
     eta = _positive("eta", DEFAULT_ETA if eta is None else eta)
     damping = _positive("damping", damping)
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    ):
+    if num_batches is not None and (not is_int(num_batches) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None (the whole loader), got {num_batches!r}.")
     if max_stats_bytes is not None:
         max_stats_bytes = _positive("max_stats_bytes", max_stats_bytes)
@@ -154,7 +152,7 @@ def compute_importance(
 
 
 def _positive(name: str, value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return value
 

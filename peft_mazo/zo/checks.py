@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from .._checks import is_finite_number, is_int, is_number
 from ..layer import MaZOLayer
+from ..scorers import SCORERS
 from .perturbation import PERTURBATION_MODES
 from .weighting import TaskWeighting
 
@@ -188,3 +190,19 @@ def no_trainable_error(model: nn.Module) -> ValueError:
         "the model with a MaZO adapter first (peft.get_peft_model(model, peft_mazo.MaZOConfig(...))), or "
         "pass the tensors to train with `params=`."
     )
+
+
+def warn_if_mask_pending(model: nn.Module) -> None:
+    """Say once when an adapter meant to get a data-driven mask still has the data-free |W| mask it was created with:
+    training would silently run with another mask than the one configured."""
+    pending = sorted({name for m in model.modules() if isinstance(m, MaZOLayer) for name in m.mazo_mask_pending})
+    if pending:
+        data_driven = " or ".join(f"'{name}'" for name, scorer in SCORERS.items() if scorer.needs_data)
+        warnings.warn(
+            f"ZOSGD: the MaZO adapter(s) {pending} use a data-driven mask (scorer {data_driven}) that has not been "
+            "computed: the mask is still the data-free |W| one the adapter was created with. Call "
+            "model.compute_importance({task: loader, ...}) before training, or create the adapter with "
+            "scorer='magnitude' to train with the |W| mask on purpose.",
+            UserWarning,
+            stacklevel=3,
+        )

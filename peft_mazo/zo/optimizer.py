@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from .. import distributed as _dist
-from ..layer import MaZOLayer
 from .checks import (
     Closure,
     as_closures,
@@ -50,9 +48,11 @@ from .checks import (
     loss_vector,
     mean_losses,
     no_trainable_error,
+    warn_if_mask_pending,
 )
 from .directions import DirectionStream, tensor_seed
 from .perturbation import EAGER_MAX_BYTES, PERTURBATION_MODES, Perturbation
+from .result import ZOStepResult
 from .update import zo_sgd_foreach_update_, zo_sgd_update_
 from .weighting import EqualWeighting, TaskWeighting
 
@@ -60,34 +60,6 @@ from .weighting import EqualWeighting, TaskWeighting
 __all__ = ["EAGER_MAX_BYTES", "PERTURBATION_MODES", "ZOSGD", "ZOStepResult", "tensor_seed"]
 
 ParamsArg = Union[Iterable[nn.Parameter], Iterable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class ZOStepResult:
-    """What one `ZOSGD.step` measured (tensors are float64, on CPU).
-
-    Attributes:
-        step (`int`): index of the step (the seed-stream position of its z).
-        loss (`float`): `Σ_t w_t (L⁺_t + L⁻_t) / 2`, an O(ε²) estimate of the weighted loss at θ (equal weights when
-            the step was skipped).
-        losses_plus (`torch.Tensor`): (T,) losses at θ + εz, averaged over micro-batches.
-        losses_minus (`torch.Tensor`): (T,) losses at θ - εz.
-        projected_grads (`torch.Tensor`): (T,) per-task projected gradients `(L⁺_t - L⁻_t) / (2ε)`.
-        weights (`torch.Tensor` or `None`): (T,) task weights used (None when skipped).
-        projected_grad (`float`): the combined `ĝ = Σ_t w_t ĝ_t` (NaN when skipped).
-        skipped (`bool`): True when a loss was not finite and the parameters were left as they were.
-        comm_bytes (`int`): payload bytes all-reduced by this step (`2 · T` float64 values when distributed, else 0).
-    """
-
-    step: int
-    loss: float
-    losses_plus: torch.Tensor
-    losses_minus: torch.Tensor
-    projected_grads: torch.Tensor
-    weights: Optional[torch.Tensor]
-    projected_grad: float
-    skipped: bool
-    comm_bytes: int = 0
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -184,7 +156,7 @@ class ZOSGD(torch.optim.Optimizer):
             "weighting": {},
         }
         self._plan()
-        self._warn_if_mask_pending()
+        warn_if_mask_pending(model)
         self.comm_bytes = 0
         self.distributed = _dist.is_distributed() if distributed is None else bool(distributed)
         if self.distributed:
@@ -196,22 +168,6 @@ class ZOSGD(torch.optim.Optimizer):
             shapes = [tuple(p.shape) for p in self._params()]
             _dist.assert_same_on_all_ranks(
                 (int(seed), float(eps), shapes), "ZOSGD's seed stream and trainable state (seed, eps, shapes)"
-            )
-
-    def _warn_if_mask_pending(self) -> None:
-        """Say once when an adapter meant to get a data-driven mask (scorer "mazo" or "wanda") still has the data-free
-        |W| mask it was created with: training would silently run with another mask than the one configured."""
-        pending = sorted(
-            {name for m in self.model.modules() if isinstance(m, MaZOLayer) for name in m.mazo_mask_pending}
-        )
-        if pending:
-            warnings.warn(
-                f"ZOSGD: the MaZO adapter(s) {pending} use a data-driven mask (scorer 'mazo' or 'wanda') that has not "
-                "been computed: the mask is still the data-free |W| one the adapter was created with. Call "
-                "model.compute_importance({task: loader, ...}) before training, or create the adapter with "
-                "scorer='magnitude' to train with the |W| mask on purpose.",
-                UserWarning,
-                stacklevel=3,
             )
 
     # ----------------------------------------------------------------------------------------------------------------
