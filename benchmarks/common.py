@@ -185,3 +185,23 @@ def use_tiny_shapes(args: argparse.Namespace) -> None:
     args.num_heads, args.vocab_size, args.seq_len = 4, 256, 32
     if hasattr(args, "batch_size"):
         args.batch_size = 2
+
+
+def library_versions(**extra: Any) -> dict[str, Any]:
+    """Python, torch (and its CUDA), transformers, peft and peft_mazo versions, plus `extra` (e.g. triton=...)."""
+    import platform
+
+    import peft
+    import transformers
+
+    import peft_mazo
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "peft_mazo": peft_mazo.__version__,
+        **extra,
+    }

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import add_model_shape_arguments, random_llama, use_tiny_shapes  # noqa: E402  (benchmarks/common.py)
+from common import add_model_shape_arguments, library_versions, random_llama, use_tiny_shapes  # noqa: E402
 
 
 ALL_CONFIGS = ("mazo_dense", "mazo_lora")
@@ -187,10 +187,7 @@ def _cuda_z_same_on_every_gpu(device: torch.device) -> Optional[bool]:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    import peft
-    import transformers
 
-    import peft_mazo
     from peft_mazo import distributed as zo_dist
 
     zo_dist.init_from_env(backend="nccl" if args.device.startswith("cuda") else "gloo")
@@ -227,14 +224,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "world_size": world,
         "backend": torch.distributed.get_backend() if zo_dist.is_distributed() else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": peft_mazo.__version__,
-        },
+        "versions": library_versions(
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None
+        ),
         "cuda_z_same_on_every_gpu": cuda_z_same,
         "results": results,
         "per_rank_step_ms": {key: [r.get(key, {}).get("step_ms") for r in per_rank] for key in results},

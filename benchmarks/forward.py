@@ -44,9 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import peft  # noqa: E402
-import transformers  # noqa: E402
-from common import Meter, add_model_shape_arguments, random_llama, use_tiny_shapes  # noqa: E402
+from common import Meter, add_model_shape_arguments, library_versions, random_llama, use_tiny_shapes  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_mazo  # noqa: E402
@@ -593,15 +591,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name,
         "sm_count": torch.cuda.get_device_properties(device).multi_processor_count if meter.cuda else None,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton_version,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": getattr(peft_mazo, "__version__", None),
-        },
+        "versions": library_versions(triton=triton_version),
         "shape": {
             "hidden_size": args.hidden_size,
             "intermediate_size": args.intermediate_size,

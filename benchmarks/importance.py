@@ -24,10 +24,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import peft
 import torch
-import transformers
-from common import random_llama  # noqa: E402  (benchmarks/common.py)
+from common import library_versions, random_llama  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model
 
 import peft_mazo
@@ -162,14 +160,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "importance",
         "device": device_name(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": peft_mazo.__version__,
-        },
+        "versions": library_versions(),
         "shapes": {
             "hidden": args.hidden,
             "intermediate": args.intermediate,

@@ -39,12 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import peft  # noqa: E402
 import transformers  # noqa: E402
-from common import Meter, provenance  # noqa: E402  (benchmarks/common.py)
+from common import Meter, library_versions, provenance  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model  # noqa: E402
 
-import peft_mazo  # noqa: E402
 from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
 from peft_mazo.tasks import (  # noqa: E402
     TASK_NAMES,
@@ -220,13 +218,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "benchmark": "multitask_step",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": peft_mazo.__version__,
-        },  # fmt: skip
+        "versions": library_versions(),
         **provenance(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "shapes": {

@@ -276,25 +276,14 @@ def device_name() -> str:
 
 
 def environment() -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    import peft_mazo
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import provenance
+    from common import library_versions, provenance
 
     return {
         "device": device_name(),
         "cpu_count": os.cpu_count(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": peft_mazo.__version__,
-        },  # fmt: skip
+        "versions": library_versions(),
         **provenance(),  # git_commit (MAZO_GIT_COMMIT where the .git is stale), git_dirty
     }
 

@@ -40,11 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import peft  # noqa: E402
-import transformers  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/common.py)
     Meter,
     add_model_shape_arguments,
+    library_versions,
     provenance,
     quantize_linears_nf4,
     random_llama,
@@ -52,7 +51,6 @@ from common import (  # noqa: E402  (benchmarks/common.py)
 )
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-import peft_mazo  # noqa: E402
 from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
 
 
@@ -344,15 +342,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "benchmark": "zo_step",
         "device": str(device),
         "device_name": device_name,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_mazo": peft_mazo.__version__,
-            "bitsandbytes": _version_of("bitsandbytes"),
-        },
+        "versions": library_versions(bitsandbytes=_version_of("bitsandbytes")),
         "shape": {
             "hidden_size": args.hidden_size,
             "intermediate_size": args.intermediate_size,
