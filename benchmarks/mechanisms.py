@@ -97,6 +97,7 @@ def zo_cosines(
         total += projected_gradient(loss_fn, params, z, eps) * flat(z).double()
         if i + 1 in ns:
             out[i + 1] = cosine(total / (i + 1), g)
+            print(f"  n = {i + 1}: cos {out[i + 1]:.4f}", flush=True)
     return out
 
 
