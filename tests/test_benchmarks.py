@@ -23,13 +23,18 @@ SCRIPTS = {  # script: (extra arguments, a check of its JSON)
         ["--methods", "mazo-lora", "--cli-steps", "6", "--data-dir", str(SHARED_DATA)],
         lambda r: r["rows"]["mazo-lora"]["step_fast_ms"] > 0 and r["cli"]["steps"] == 6 and "git_commit" in r,
     ),
+    "mechanisms.py": (
+        ["--data-dir", str(SHARED_DATA)],
+        lambda r: r["cosine"]["masked"]["d"] > 0 and r["hessian"]["spectra"]["multi-task"] and "git_commit" in r,
+    ),
 }
+NEEDS_DATA = {"multitask_step.py", "mechanisms.py"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_script_runs_tiny_and_writes_its_json(script, tmp_path):
-    if script == "multitask_step.py" and not SHARED_DATA.exists():
+    if script in NEEDS_DATA and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
     extra, check = SCRIPTS[script]
     out = tmp_path / "result.json"
