@@ -205,3 +205,20 @@ def library_versions(**extra: Any) -> dict[str, Any]:
         "peft_mazo": peft_mazo.__version__,
         **extra,
     }
+
+
+def results_header(benchmark: str, device: torch.device, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """The first fields of a results file: the benchmark, the device, CPU threads, versions, git provenance and the
+    command line that made it."""
+    import platform
+    import sys
+    from pathlib import Path
+
+    return {
+        "benchmark": benchmark,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": library_versions(),
+        **provenance(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }

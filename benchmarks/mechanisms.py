@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import library_versions, provenance  # noqa: E402  (benchmarks/common.py)
+from common import results_header  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model  # noqa: E402
 
 from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
@@ -247,12 +246,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ns = [2**i for i in range(int(math.log2(args.n_max)) + 1)]
 
     result: dict[str, Any] = {
-        "benchmark": "mechanisms",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "versions": library_versions(),
-        **provenance(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **results_header("mechanisms", device, argv),
         "shapes": {
             "model": model_name,
             "dtype": "float32",

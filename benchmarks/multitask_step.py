@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import transformers  # noqa: E402
-from common import Meter, library_versions, provenance  # noqa: E402  (benchmarks/common.py)
+from common import Meter, results_header  # noqa: E402  (benchmarks/common.py)
 from peft import get_peft_model  # noqa: E402
 
 from peft_mazo import ZOSGD, MaZOConfig  # noqa: E402
@@ -215,12 +214,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     steps = [{t: b.to(device) for t, b in next(encoded).items()} for _ in range(args.steps)]
     packed = [pack_batches(s) for s in steps]
     result: dict[str, Any] = {
-        "benchmark": "multitask_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "versions": library_versions(),
-        **provenance(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **results_header("multitask_step", device, argv),
         "shapes": {
             "model": model_name,
             "dtype": args.dtype,
