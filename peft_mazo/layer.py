@@ -224,6 +224,12 @@ class MaZOLayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------------------------
     # peft plumbing
     # ----------------------------------------------------------------------------------------------------------------
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's deletion (the adapter's tensors and records, a new active adapter if needed), plus the adapter's
+        pending-mask flag, which would otherwise outlive it (ZOSGD's warning and `shard_base` read that flag)."""
+        super().delete_adapter(adapter_name)
+        self.mazo_mask_pending.discard(adapter_name)
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device, keeping its own dtype (the delta never becomes bf16)."""
         device = device if device is not None else self.get_base_layer().weight.device
