@@ -31,6 +31,11 @@ from .quantized import keep_standard_4bit_layout
 from .scorers import get_scorer
 
 
+MIXED_BATCH_ERROR = (
+    "MaZO does not support mixed adapter batches (`adapter_names=`, one adapter per example): every example runs "
+    "with the active adapter(s). Run one forward per adapter instead: model.set_adapter(name) for each sub-batch, "
+    "and `with model.disable_adapter():` for the '__base__' examples."
+)
 _WARNED_RANKS: set[int] = set()  # LoRA ranks already warned about (r larger than a layer's rank): warn once per r
 
 
@@ -338,6 +343,9 @@ class Linear(nn.Module, MaZOLayer):
         the effective weight (one layer's worth, transiently) and apply it in one matmul; 8-bit bases add `x ΔWᵀ` to
         bitsandbytes' int8 output.
         """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCH_ERROR)
+        kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
