@@ -229,6 +229,11 @@ class MaZOLayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------------------------
     # peft plumbing
     # ----------------------------------------------------------------------------------------------------------------
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: a MaZO delta is additive (`W + ΔW ⊙ M`), so peft's `convert_to_lora` can approximate it by a
+        truncated SVD of `get_delta_weight` (exact at full rank; the mask is not kept as such)."""
+        return True
+
     def delete_adapter(self, adapter_name: str) -> None:
         """peft's deletion (the adapter's tensors and records, a new active adapter if needed), plus the adapter's
         pending-mask flag, which would otherwise outlive it (ZOSGD's warning and `shard_base` read that flag)."""
