@@ -31,6 +31,11 @@ from .quantized import keep_standard_4bit_layout
 from .scorers import get_scorer
 
 
+MIXED_BATCH_ERROR = (
+    "MaZO does not support mixed adapter batches (`adapter_names=`, one adapter per example): every example runs "
+    "with the active adapter(s). Run one forward per adapter instead: model.set_adapter(name) for each sub-batch, "
+    "and `with model.disable_adapter():` for the '__base__' examples."
+)
 _WARNED_RANKS: set[int] = set()  # LoRA ranks already warned about (r larger than a layer's rank): warn once per r
 
 
@@ -224,6 +229,17 @@ class MaZOLayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------------------------
     # peft plumbing
     # ----------------------------------------------------------------------------------------------------------------
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: a MaZO delta is additive (`W + ΔW ⊙ M`), so peft's `convert_to_lora` can approximate it by a
+        truncated SVD of `get_delta_weight` (exact at full rank; the mask is not kept as such)."""
+        return True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's deletion (the adapter's tensors and records, a new active adapter if needed), plus the adapter's
+        pending-mask flag, which would otherwise outlive it (ZOSGD's warning and `shard_base` read that flag)."""
+        super().delete_adapter(adapter_name)
+        self.mazo_mask_pending.discard(adapter_name)
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device, keeping its own dtype (the delta never becomes bf16)."""
         device = device if device is not None else self.get_base_layer().weight.device
@@ -332,6 +348,9 @@ class Linear(nn.Module, MaZOLayer):
         the effective weight (one layer's worth, transiently) and apply it in one matmul; 8-bit bases add `x ΔWᵀ` to
         bitsandbytes' int8 output.
         """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCH_ERROR)
+        kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

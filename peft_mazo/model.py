@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MaZOConfig
-from .layer import Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
+from .layer import MIXED_BATCH_ERROR, Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
 from .quantized import quantization_kind
 from .scorers import get_scorer
 
@@ -104,6 +105,30 @@ class MaZOModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """peft enters this around every forward and `generate` of a `PeftModel`, with the call's arguments, then
+        drops its routing arguments. MaZO routes no example to another adapter: refuse them instead of running every
+        example with the active adapter(s) while the caller believes otherwise."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCH_ERROR)
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError(
+                "`alora_offsets` belongs to peft's activated LoRA (aLoRA), which MaZO is not: a MaZO adapter applies "
+                "to every token. Remove the argument."
+            )
+        yield
+
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """Refused: see the error."""
+        raise NotImplementedError(
+            "MaZO does not combine adapters into a new weighted adapter (peft's add_weighted_adapter is LoRA's and "
+            "IA3's): each MaZO adapter has its own mask, and a weighted sum of deltas under different masks is in "
+            "general not a MaZO delta (k kept entries per row under one mask). Activate several adapters at once "
+            "instead (model.base_model.set_adapter([...]) sums their deltas), or merge them "
+            "(model.merge_and_unload(adapter_names=[...]))."
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # masks

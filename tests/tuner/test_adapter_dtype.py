@@ -73,3 +73,35 @@ def test_zo_step_on_a_bf16_adapter_is_exact_at_lr_zero_and_moves_it_otherwise():
     opt.param_groups[0]["lr"] = 1.0
     opt.step(closure)
     assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False], ids=["autocast", "no_autocast"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("r", [0, 8], ids=["dense", "lora"])
+def test_adapter_dtype_through_add_adapter_save_and_load(tmp_path, r, dtype, autocast_adapter_dtype):
+    # peft's test_adapter_dtype_autocast: get_peft_model, add_adapter, from_pretrained and load_adapter, with and
+    # without low_cpu_mem_usage
+    expected = {torch.float32} if autocast_adapter_dtype else {dtype}
+    config = MaZOConfig(sparsity=0.5, r=r, target_modules=["q_proj", "down_proj"], init_weights=False)
+    model = get_peft_model(make_tiny_llama().to(dtype), config, autocast_adapter_dtype=autocast_adapter_dtype)
+    model.add_adapter("other", config, autocast_adapter_dtype=autocast_adapter_dtype)
+    assert trainable_dtypes(model) == expected
+    assert {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "mazo_" in n} == {"default", "other"}
+    model.save_pretrained(tmp_path)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(
+            make_tiny_llama().to(dtype),
+            tmp_path,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        loaded.load_adapter(
+            tmp_path / "other",
+            adapter_name="other",
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        assert trainable_dtypes(loaded) == expected
+        assert len([n for n, _ in loaded.named_parameters() if "mazo_" in n]) == len(
+            [n for n, _ in model.named_parameters() if "mazo_" in n]
+        )

@@ -78,3 +78,65 @@ def test_famo_weights_and_logit_update_match_a_hand_computation():
         if step == 1:  # the first logit update (step 0 only records the losses)
             expected_logits = torch.tensor([-0.025, 0.025], dtype=torch.float64)
             torch.testing.assert_close(famo.logits.detach(), expected_logits, atol=1e-6, rtol=0)
+
+
+def test_coba_weights_match_a_hand_computation_of_the_paper_formulas():
+    """Three tasks, six validation observations, window N = 3, warm-up W = 2, computed step by step in plain Python
+    from CoBa's definitions (CoBaWeighting's docstring, MAZO_SPEC §6), without the implementation's code:
+
+    r_t(j) = L_t(j) / L_t(0); α_t = least-squares slope of the last N ratios against their index;
+    RCS = softmax(T α / Σ_t |α_t|); ACS = softmax(−N' α / Σ_{last N slopes} |α_t|), N' the slopes in that window;
+    DF = min(n · softmax_j(j α_max(j) / Σ_{k ≤ j} α_max(k))[n], 1) over the n slopes so far;
+    w = DF · RCS + (1 − DF) · ACS, and 1/T each before W observations.
+
+    Task 0 converges fast, tasks 1 and 2 slowly; convergence slows down (DF falls below 1), and at the last observation
+    task 1's loss rises: CoBa must then hand the weight to ACS (DF near 0), which cuts the diverging task."""
+    import math
+
+    history = [
+        [2.0, 1.0, 4.0],
+        [1.6, 0.95, 3.8],
+        [1.3, 0.92, 3.7],
+        [1.1, 0.9, 3.65],
+        [1.0, 0.91, 3.66],
+        [0.95, 1.0, 3.7],
+    ]
+    window, warmup, num_tasks = 3, 2, 3
+
+    def softmax(values):
+        exps = [math.exp(v - max(values)) for v in values]
+        return [e / sum(exps) for e in exps]
+
+    def least_squares_slope(ys):
+        xs = list(range(len(ys)))
+        x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
+        return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum(
+            (x - x_mean) ** 2 for x in xs
+        )
+
+    ratios, slopes, factors = [], [], []
+    coba = CoBaWeighting(num_tasks, window=window, warmup=warmup)
+    for step, losses in enumerate(history):
+        ratios.append([loss / first for loss, first in zip(losses, history[0], strict=True)])
+        if len(ratios) >= 2:
+            recent = ratios[-window:]
+            slopes.append([least_squares_slope([r[t] for r in recent]) for t in range(num_tasks)])
+        if len(ratios) < warmup:
+            expected = [1 / num_tasks] * num_tasks
+        else:
+            alpha = slopes[-1]
+            rcs = softmax([num_tasks * a / sum(abs(b) for b in alpha) for a in alpha])
+            last = slopes[-window:]
+            acs = softmax([-len(last) * alpha[t] / sum(abs(s[t]) for s in last) for t in range(num_tasks)])
+            alpha_max = [max(s) for s in slopes]
+            trend = [(j + 1) * alpha_max[j] / sum(alpha_max[: j + 1]) for j in range(len(alpha_max))]
+            factor = min(len(alpha_max) * softmax(trend)[-1], 1.0)
+            factors.append(factor)
+            expected = [factor * r + (1 - factor) * a for r, a in zip(rcs, acs, strict=True)]
+        coba.observe_validation(step, losses)
+        got = coba.weights(step, t(0, 0, 0), t(0, 0, 0))
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-9)
+
+    assert factors[0] == 1.0 and factors[1] < 1.0 and factors[-1] < 0.05  # RCS while converging, ACS at divergence
+    assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
+    assert got.argmin() == 1  # the diverging task gets the least weight
