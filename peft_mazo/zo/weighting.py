@@ -205,7 +205,8 @@ class CoBaWeighting(TaskWeighting):
         self._weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
 
     def observe_validation(self, step: int, losses: Union[torch.Tensor, Sequence[float]]) -> None:
-        values = torch.as_tensor(losses, dtype=torch.float64).flatten()
+        # the history is kept on the CPU in float64, whatever device the losses come from (a model on a GPU)
+        values = torch.as_tensor(losses, dtype=torch.float64).detach().cpu().flatten()
         if values.numel() != self.num_tasks or not bool(torch.isfinite(values).all()):
             raise ValueError(f"CoBa expects {self.num_tasks} finite validation losses, got {values.tolist()}.")
         if self.first is None:

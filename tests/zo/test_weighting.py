@@ -140,3 +140,24 @@ def test_coba_weights_match_a_hand_computation_of_the_paper_formulas():
     assert factors[0] == 1.0 and factors[1] < 1.0 and factors[-1] < 0.05  # RCS while converging, ACS at divergence
     assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
     assert got.argmin() == 1  # the diverging task gets the least weight
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["equal", "famo", "coba"])
+def test_weightings_take_losses_on_the_model_device(name, device):
+    """The runner passes per-task losses where the model lives (a GPU): every weighting must accept them there.
+
+    CoBa's validation history once mixed a CUDA tensor with a CPU one and stopped every `--method coba` run on a GPU.
+    """
+    weighting = make_weighting(name, 3, **({"window": 4, "warmup": 2} if name == "coba" else {}))
+    for step in range(5):
+        losses = torch.tensor([1.0, 0.9, 0.8], device=device) * (1.0 - 0.05 * step)
+        weighting.observe_validation(step, losses.float())
+        weights = torch.as_tensor(weighting.weights(step, losses.clone(), losses.clone()))
+        assert weights.numel() == 3 and bool(torch.isfinite(weights).all())
+        weighting.update(step, losses, losses, torch.zeros(1, device=device), weights.to(device))
+    if name == "coba":
+        assert len(weighting.slopes) == 4  # the history was recorded, not skipped
