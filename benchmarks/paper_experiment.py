@@ -804,6 +804,57 @@ def radar_figure(results_dir: Path, runs: dict[str, list[dict]], tasks: list[str
     return drawn
 
 
+def budget_section(budget_dir: Path, figures: Path) -> list[str]:
+    """The step-budget probe (`--budget-results`): long runs' validation loss against the step, and where it is lowest."""
+    records = load_records(budget_dir)
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = []
+    for run, record in sorted(records.items()):
+        validation = [r for r in read_jsonl(budget_dir / run / "validation.jsonl") if _finite(r.get("loss"))]
+        if not validation:
+            continue
+        (line,) = ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-", ms=3, label=run)
+        best = min(validation, key=lambda r: r["loss"])
+        ax.plot([best["step"]], [best["loss"]], "*", ms=14, color=line.get_color())
+        results = load_results(budget_dir, record)
+        rows.append(
+            f"| `{run}` | {record['protocol'].get('steps')} | {best['step']} | {best['loss']:.4f} | "
+            f"{validation[-1]['loss']:.4f} | {results.get('average_validation', float('nan')):.1f} | "
+            f"{results.get('average_after', float('nan')):.1f} |"
+        )
+    ax.set_xlabel("step (star: lowest validation loss, the selected checkpoint)")
+    ax.set_ylabel("validation loss (mean over the tasks)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "paper_budget.png", dpi=110)
+    plt.close(fig)
+    shown = budget_dir.relative_to(ROOT) if ROOT in budget_dir.resolve().parents else budget_dir
+    devices = sorted({r.get("device", "?") for r in records.values()})
+    return [
+        "### Step budget: long runs at the LoRA methods' default setting",
+        "",
+        f"From `{shown}` ({len(records)} runs on {', '.join(devices)}, seed 0, no early stop): the validation loss "
+        "every `eval_every` steps, the step where it is lowest (the checkpoint the scores below come from), its last "
+        "value, and the validation / test averages of that checkpoint.",
+        "",
+        "| run | steps | lowest at step | lowest validation loss | last validation loss | validation average | "
+        "test average |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"![Validation loss over a long budget]({figures.name}/paper_budget.png)",
+        "",
+    ]
+
+
 def report(args) -> str:
     """The generated part of docs/experiment.md, from `--results` alone; writes the figures next to `--report-out`."""
     results_dir = Path(args.results)
@@ -894,6 +945,7 @@ def report(args) -> str:
             f"![Validation loss per task]({figures.name}/paper_validation_tasks.png)",
             "",
         ]
+    lines += budget_section(Path(args.budget_results), figures)
     ablation = {}
     for record in records.values():
         if record["phase"] == "ablation" and record["status"] == "ok":
@@ -1017,6 +1069,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only rebuild the report from --results")
     parser.add_argument("--report-out", default=str(ROOT / "docs" / "experiment.md"))
+    parser.add_argument(
+        "--budget-results", default=str(ROOT / "benchmarks" / "results" / "paper-budget"),
+        help="results of the step-budget probe (long runs, another --results), shown in the report",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.command_line = shlex.join(
         ["python", "benchmarks/paper_experiment.py", *(argv if argv is not None else sys.argv[1:])]

@@ -126,7 +126,8 @@ def test_experiment_runs_skips_resumes_and_reports(tmp_path, monkeypatch, capsys
     page.write_text(
         f"# Title\n\nHand-written protocol.\n\n{pe.GENERATED_BEGIN}\nold\n{pe.GENERATED_END}\n\n## Notes\n"
     )
-    assert pe.main(["--report", "--results", str(results), "--report-out", str(page)]) == 0
+    report = ["--report", "--results", str(results), "--report-out", str(page)]
+    assert pe.main([*report, "--budget-results", str(tmp_path / "no-budget-probe")]) == 0
     text = page.read_text()
     assert text.startswith("# Title\n\nHand-written protocol.") and text.rstrip().endswith("## Notes")
     assert "\nold\n" not in text and text.count(pe.GENERATED_BEGIN) == 1
@@ -136,6 +137,20 @@ def test_experiment_runs_skips_resumes_and_reports(tmp_path, monkeypatch, capsys
     assert "| sst2 | copa |" in text and "12 / 6 / 6" in text  # sizes
     for figure in ("paper_radar.png", "paper_loss_curves.png", "paper_validation_tasks.png"):
         assert (page.parent / "img" / figure).read_bytes()[:4] == b"\x89PNG"
+    assert "Step budget" not in text and not (page.parent / "img" / "paper_budget.png").exists()
+
+    # the step-budget probe's section: here these results stand in for a probe's long runs
+    assert pe.main([*report, "--budget-results", str(results)]) == 0
+    text = page.read_text()
+    assert "### Step budget" in text and text.count(pe.GENERATED_BEGIN) == 1
+    good = json.loads((results / resumed_id / "results.json").read_text())
+    lowest = min(
+        (json.loads(line) for line in (results / resumed_id / "validation.jsonl").read_text().splitlines()),
+        key=lambda r: r["loss"],
+    )
+    assert f"| `{resumed_id}` | 2 | {lowest['step']} | {lowest['loss']:.4f} |" in text
+    assert f"| {good['average_validation']:.1f} | {good['average_after']:.1f} |" in text
+    assert (page.parent / "img" / "paper_budget.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def record(run_id, status, average, loss):
