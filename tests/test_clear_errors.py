@@ -124,3 +124,66 @@ def test_an_adapter_loaded_for_inference_gets_the_is_trainable_hint(tmp_path):
     with pytest.raises(ValueError, match=r"loaded for inference .* is_trainable=True"):
         ZOSGD(frozen, lr=1e-3)
     ZOSGD(PeftModel.from_pretrained(make_tiny_llama(), path, is_trainable=True), lr=1e-3)
+
+
+# ------------------------------------------------------------------------------------- issue #16 §5: a new user's path
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """Offline mode as huggingface_hub and datasets read it (their constants are set at import), an empty cache, and a
+    guard: any metadata request to the hub fails the test."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    requests = []
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, *args, **kwargs: requests.append(args))
+    yield requests
+    assert not requests, "offline mode made a request to the hub"
+
+
+def test_offline_without_data_dir_names_the_files_and_where_to_put_them(offline_hub, tmp_path, monkeypatch):
+    from peft_mazo.tasks import HubUnavailableError, sample_tasks
+
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    model_dir = tmp_path / "model"
+    make_tiny_llama(max_position_embeddings=256).save_pretrained(model_dir)
+    make_tiny_tokenizer(pad=True).save_pretrained(model_dir)
+    with pytest.raises(RunError) as error:
+        run(RunConfig(model=str(model_dir), tasks=["sst2", "copa"], out=str(tmp_path / "run"), steps=1))
+    message = str(error.value)
+    for needed in ("HF_HUB_OFFLINE=1", "--data-dir DIR", "DIR/<task>/train.jsonl", "sst2/validation.jsonl"):
+        assert needed in message
+    assert "copa/train.jsonl" in message
+    assert not (tmp_path / "run").exists()  # refused before any work
+    with pytest.raises(HubUnavailableError, match=r"data_dir=DIR"):  # the library says the same
+        sample_tasks(["copa"])
+
+
+def test_offline_with_a_cached_hub_copy_goes_ahead(offline_hub, monkeypatch):
+    from peft_mazo.tasks import data
+
+    monkeypatch.setattr(data, "_hub_dataset_cached", lambda path, config: True)
+    data.check_hub_available(["sst2", "copa"])
+
+
+def test_an_unreachable_hub_is_one_failed_request_not_five_retries(monkeypatch):
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    from peft_mazo.tasks import HubUnavailableError, data
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def unreachable(self, repo_id, timeout=None):
+        calls.append((repo_id, timeout))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    with pytest.raises(HubUnavailableError, match=r"cannot be reached \(OSError: .*--data-dir DIR"):
+        data.check_hub_available(["rte", "boolq"])
+    assert calls == [("aps/super_glue", 10)]

@@ -26,13 +26,13 @@ FREE_SPACE_MARGIN = 32 * 2**20
 def validate(config: RunConfig) -> None:
     """Raise `RunError` for bad input, before any model weights or data are loaded and before anything is written.
 
-    Checks the method, tasks, numbers, adapter settings (`--sparsity`, `--r`), dtype and device, the data files, the
-    model directory, that `--out` is writable (without creating it), that `--resume` finds a checkpoint made with the
+    Checks the method, tasks, numbers, adapter settings (`--sparsity`, `--r`), dtype and device, the data files (or,
+    without `--data-dir`, that the hub datasets can be loaded: `check_hub_available`), the model directory, that `--out` is writable (without creating it), that `--resume` finds a checkpoint made with the
     same settings, and that the disk has room for the checkpoints (an estimate from the model's config).
     """
     from ..methods import get_method
     from ..tasks import canonical_task_name
-    from ..tasks.data import check_data_files
+    from ..tasks.data import HubUnavailableError, check_data_files, check_hub_available
 
     config.check()  # the values on their own (they may have changed since the config was built)
     method = get_method(config.method)
@@ -54,6 +54,11 @@ def validate(config: RunConfig) -> None:
         try:
             check_data_files(config.tasks, config.data_dir)
         except (ValueError, FileNotFoundError) as error:
+            raise RunError(str(error)) from None
+    else:
+        try:
+            check_hub_available(config.tasks)
+        except HubUnavailableError as error:
             raise RunError(str(error)) from None
     _check_model_name(config.model)
     out = Path(config.out)
