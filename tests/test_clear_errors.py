@@ -187,3 +187,31 @@ def test_an_unreachable_hub_is_one_failed_request_not_five_retries(monkeypatch):
     with pytest.raises(HubUnavailableError, match=r"cannot be reached \(OSError: .*--data-dir DIR"):
         data.check_hub_available(["rte", "boolq"])
     assert calls == [("aps/super_glue", 10)]
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_a_max_length_that_cannot_hold_a_task_is_refused_before_any_work(tmp_path):
+    from peft_mazo.tasks.encoding import minimum_length
+
+    model_dir = tmp_path / "model"
+    make_tiny_llama(max_position_embeddings=256).save_pretrained(model_dir)
+    tokenizer = make_tiny_tokenizer(pad=True)
+    tokenizer.save_pretrained(model_dir)
+    rte = minimum_length("rte", tokenizer)
+    assert minimum_length("sst2", tokenizer) < rte  # the character-level tokenizer: one token per character
+    values = dict(model=str(model_dir), tasks=["sst2", "rte"], out=str(tmp_path / "run"), data_dir=str(SHARED_DATA))
+    with pytest.raises(RunError, match=rf"--max-length 4 cannot hold task 'rte'.* {rte} tokens.*--max-length {rte}"):
+        run(RunConfig(**values, max_length=4, steps=1))
+    with pytest.raises(RunError, match=r"cannot hold task 'rte'"):
+        run(RunConfig(**values, max_length=rte - 1, steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_minimum_length_is_the_template_and_the_longest_answer():
+    from peft_mazo.tasks.encoding import encode_continuations, minimum_length
+
+    tokenizer = make_tiny_tokenizer(pad=True)
+    # sst2: "<s>" + "x It was" + " terrible" (the longer candidate), one token per character
+    assert minimum_length("sst2", tokenizer) == 1 + len("x It was") + len(" terrible")
+    (context, answer), *_ = encode_continuations(tokenizer, ["Title: x\nContext: x\nQuestion: x\nAnswer:"], [" x\n"])
+    assert minimum_length("squad", tokenizer) == len(context) + len(answer)
