@@ -215,3 +215,63 @@ def test_minimum_length_is_the_template_and_the_longest_answer():
     assert minimum_length("sst2", tokenizer) == 1 + len("x It was") + len(" terrible")
     (context, answer), *_ = encode_continuations(tokenizer, ["Title: x\nContext: x\nQuestion: x\nAnswer:"], [" x\n"])
     assert minimum_length("squad", tokenizer) == len(context) + len(answer)
+
+
+def token_batch(**overrides):
+    batch = {"input_ids": IDS.clone(), "attention_mask": torch.ones_like(IDS)}
+    batch.update(overrides)
+    return {k: v for k, v in batch.items() if v is not None}
+
+
+BAD_BATCHES = [
+    (token_batch(input_ids=None), r"has no 'input_ids' \(it has: attention_mask\).*tokenizer\(texts"),
+    (token_batch(input_ids=IDS.float()), r"'input_ids' is a torch.float32 tensor; token ids must be integers"),
+    (token_batch(input_ids=IDS + 128), r"token id 2\d\d, outside the model's vocabulary \[0, 128\).*own tokenizer"),
+    (token_batch(input_ids=IDS.masked_fill(IDS > 100, -100)), r"token id -100, .* labels' -100"),
+]
+
+
+@pytest.mark.parametrize("batch, match", BAD_BATCHES, ids=["no_ids", "float_ids", "beyond_vocab", "negative_ids"])
+def test_bad_token_batches_get_clear_errors_in_the_zo_step_and_nothing_changes(batch, match):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=4, scorer="magnitude", init_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = ZOSGD(model, lr=1e-3)
+    with pytest.raises(ValueError, match="The model's input.*" + match):
+        optimizer.step(lambda: model(**batch).loss)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match=match):  # a plain forward says the same
+        model(**batch)
+
+
+@pytest.mark.parametrize("batch, match", BAD_BATCHES, ids=["no_ids", "float_ids", "beyond_vocab", "negative_ids"])
+def test_bad_calibration_batches_are_named_before_any_forward(batch, match, monkeypatch):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5))
+    masks = model.get_masks()
+    monkeypatch.setattr(type(model.base_model.model), "forward", lambda *a, **k: pytest.fail("a forward ran"))
+    good = token_batch()
+    with pytest.raises(ValueError, match=r"Task 'b': calibration batch 1.*" + match):
+        model.compute_importance({"a": [good], "b": [good, batch]}, progress=False)
+    assert all(torch.equal(masks[n], m) for n, m in model.get_masks().items())
+
+
+def test_models_without_token_embeddings_are_not_checked():
+    from tests.helpers import make_mlp
+
+    model = get_peft_model(make_mlp(), MaZOConfig(sparsity=0.5, target_modules=["lin0", "lin1"]))
+    model(torch.randn(2, 64))  # a float input is right for this model
+    model.compute_importance({"a": [{"x": torch.randn(2, 3, 64)}]}, progress=False)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_the_input_check_covers_every_wrapper_and_leaves_with_the_adapter(task_type):
+    base = make_tiny_llama()
+    hooks = len(base._forward_pre_hooks)
+    model = get_peft_model(base, MaZOConfig(sparsity=0.5, task_type=task_type))
+    with pytest.raises(ValueError, match=r"token ids must be integers"):
+        model(input_ids=IDS.float())
+    with pytest.raises(ValueError, match=r"token ids must be integers"):
+        model.get_base_model()(IDS.float())  # positional input_ids, on the base model itself
+    model.add_adapter("second", MaZOConfig(sparsity=0.5))
+    assert len(base._forward_pre_hooks) == hooks + 1  # one check, however many adapters
+    unloaded = model.unload()
+    assert len(unloaded._forward_pre_hooks) == hooks  # the plain model is handed back as it was

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import distributed as _dist
 from .._checks import is_finite_number, is_int
+from .._inputs import check_token_inputs
 from ..config import MaZOConfig
 from ..layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
 from ..mask import index_dtype, topk_columns, topk_mask
@@ -106,6 +107,9 @@ def compute_importance(
         return report
 
     tasks = take_batches(calib_loaders, num_batches)
+    for task, batches in tasks:  # token ids present, integer and within the vocabulary: before any forward pass
+        for index, batch in enumerate(batches):
+            check_token_inputs(tuner.model, (), batch, f"Task '{task}': calibration batch {index}", check_range=True)
     report.tasks = [task for task, _ in tasks]
     if _dist.is_distributed():  # every rank must run the same tasks: their statistics are summed over the ranks
         _dist.assert_same_on_all_ranks(
