@@ -64,11 +64,14 @@ def subspace_batches(active, n_batches=3, seed=0):
 
 
 def mlp_model(sparsity=0.75, **kwargs):
-    return get_peft_model(make_mlp(), MaZOConfig(sparsity=sparsity, target_modules=["lin0", "lin1"], **kwargs))
+    return get_peft_model(
+        make_mlp(), MaZOConfig(sparsity=sparsity, target_modules=["lin0", "lin1"], **{"r": 0, **kwargs})
+    )
 
 
 def llama_model(seed=0, **kwargs):
     kwargs.setdefault("sparsity", 0.75)
+    kwargs.setdefault("r", 0)
     return get_peft_model(make_tiny_llama(seed=seed), MaZOConfig(**kwargs))
 
 
@@ -436,7 +439,7 @@ def test_modes_and_flags_are_restored_after_success_and_failure():
 
 def test_only_the_chosen_adapter_changes():
     model = llama_model()
-    model.add_adapter("other", MaZOConfig(sparsity=0.5))
+    model.add_adapter("other", MaZOConfig(sparsity=0.5, r=0))
     before = masks_of(model)
     model.compute_importance(token_batches(0, 128), progress=False, adapter_name="other")
     assert all(torch.equal(model.get_masks()[n], m) for n, m in before.items())
@@ -536,7 +539,7 @@ def test_four_bit_base_uses_the_dequantized_weight(tmp_path):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
-    model = get_peft_model(base, MaZOConfig(sparsity=0.75))
+    model = get_peft_model(base, MaZOConfig(sparsity=0.75, r=0))
     assert all(
         isinstance(layer.get_base_layer(), bnb.nn.Linear4bit) for layer in model.base_model._mazo_layers().values()
     )
