@@ -301,7 +301,7 @@ def check_hub_available(tasks: Iterable[str]) -> None:
     names = [canonical_task_name(task) for task in tasks]
     if not names:
         return
-    if constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
         missing = [name for name in names if not _hub_dataset_cached(*HUB_SOURCES[name])]
         if missing:
             raise HubUnavailableError(
