@@ -29,11 +29,12 @@ _IDS_POSITION: dict[type, Optional[int]] = {}
 
 
 def _ids_position(model: nn.Module) -> Optional[int]:
-    """Position of `input_ids` among the forward's parameters (cached per class); None when it has none."""
+    """Position of `input_ids` among the parameters of the class's forward (cached per class; an instance's forward
+    may be wrapped, e.g. by accelerate's hooks, into `*args, **kwargs`); None when it has none."""
     kind = type(model)
     if kind not in _IDS_POSITION:
         try:
-            names = list(inspect.signature(model.forward).parameters)
+            names = list(inspect.signature(kind.forward).parameters)[1:]  # without self
         except (TypeError, ValueError):
             names = []
         _IDS_POSITION[kind] = names.index("input_ids") if "input_ids" in names else None
