@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         max_length=args.max_length,
     )
-    config = dict(sparsity=args.sparsity, scorer=args.scorer)
+    config = dict(sparsity=args.sparsity, scorer=args.scorer, r=0)
     model = get_peft_model(base, peft_mazo.MaZOConfig(**config))
 
     begin = time.perf_counter()

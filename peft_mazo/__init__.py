@@ -1,8 +1,14 @@
+# ruff: noqa: E402 (bitsandbytes' log filter is installed before peft, which imports bitsandbytes, is imported)
 """peft-mazo: masked zeroth-order (MaZO) multi-task fine-tuning as a PEFT method.
 
 `import peft_mazo` registers the "MAZO" method with peft, so that `get_peft_model`, `PeftModel.from_pretrained` and
 `PeftConfig.from_pretrained` handle `MaZOConfig` adapters.
 """
+
+from ._quiet import install_bitsandbytes_filter
+
+
+install_bitsandbytes_filter()  # before peft imports bitsandbytes: see peft_mazo/_quiet.py
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method

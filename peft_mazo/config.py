@@ -24,12 +24,17 @@ class MaZOConfig(PeftConfig):
     """Configuration of a MaZO adapter (Zhang et al., EMNLP 2025, arXiv 2502.11513).
 
     Every targeted weight `W` (out × in) gets a binary mask `M` with exactly `k = ceil((1 - sparsity) * in)` ones per
-    row, and a trainable delta restricted to it: `ΔW ⊙ M` stored as (out, k) values (`r = 0`, dense mode) or
-    `(lora_alpha / r) · (B A) ⊙ M` with `A` (r, in) and `B` (out, r) (`r > 0`, LoRA mode).
+    row, and a trainable delta restricted to it: `(lora_alpha / r) · (B A) ⊙ M` with `A` (r, in) and `B` (out, r)
+    (`r > 0`, LoRA mode, the default) or `ΔW ⊙ M` stored as (out, k) values (`r = 0`, dense mode).
+
+    The default, `MaZOConfig()`, is the paper's MaZO LoRA (r = 64, ρ = 0.8): its best-scoring variant, and the
+    default method of `mazo train` (`mazo-lora`). `MaZOConfig(r=0)` is the dense masked delta (ρ = 0.9). A saved
+    adapter stores `r` and `sparsity` in its `adapter_config.json`, so it loads the same whatever the defaults.
 
     Args:
-        sparsity (`float`): Fraction ρ ∈ [0, 1) of each row that stays frozen. Paper defaults: 0.9 dense, 0.8 LoRA.
-        r (`int`): 0 for the dense masked delta, > 0 for the LoRA rank.
+        sparsity (`float`, *optional*): Fraction ρ ∈ [0, 1) of each row that stays frozen. Defaults to the paper's
+            value for the mode: 0.8 with LoRA (`r > 0`), 0.9 dense (`r = 0`), 0 with `scorer="none"`.
+        r (`int`): LoRA rank of the masked delta (default 64, the paper's); 0 for the dense masked delta.
         lora_alpha (`float`, *optional*): LoRA scaling numerator; the scale is `lora_alpha / r`. Defaults to `r`.
         target_modules (`str` or `list[str]`): Modules to adapt. Defaults to `"all-linear"`: every linear layer except
             the output head.
@@ -41,11 +46,16 @@ class MaZOConfig(PeftConfig):
         delta_dtype (`str`): dtype of the trainable state, "float32" (default) or "float64"; never half precision.
     """
 
-    sparsity: float = field(
-        default=0.9,
-        metadata={"help": "Fraction of each weight row that stays frozen, in [0, 1). Paper: 0.9 dense, 0.8 LoRA."},
+    sparsity: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each weight row that stays frozen, in [0, 1). Default: the paper's value for the "
+            "mode, 0.8 with LoRA (r > 0), 0.9 dense (r = 0); 0 with scorer='none'."
+        },
     )
-    r: int = field(default=0, metadata={"help": "0 = dense masked delta; > 0 = LoRA rank of the masked delta."})
+    r: int = field(
+        default=64, metadata={"help": "LoRA rank of the masked delta (default 64, MaZO LoRA); 0 = dense masked delta."}
+    )
     lora_alpha: Optional[float] = field(
         default=None, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r). Defaults to r (scale 1)."}
     )
@@ -144,6 +154,14 @@ class MaZOConfig(PeftConfig):
                 )
 
     def _validate(self) -> None:
+        if not is_int(self.r) or self.r < 0:
+            raise ValueError(
+                f"MaZOConfig.r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {self.r!r}."
+            )
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise ValueError(f"MaZOConfig.scorer must be one of {tuple(SCORERS)}, got {self.scorer!r}.")
+        if self.sparsity is None:  # the paper's default for the mode (MAZO_SPEC §2)
+            self.sparsity = 0.0 if not get_scorer(self.scorer).masked else 0.9 if self.r == 0 else 0.8
         if not is_number(self.sparsity):
             raise ValueError(f"MaZOConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         if not 0.0 <= self.sparsity < 1.0:
@@ -151,21 +169,17 @@ class MaZOConfig(PeftConfig):
                 f"MaZOConfig.sparsity must be in [0, 1) (the fraction of each row that stays frozen), got "
                 f"{self.sparsity}. Use e.g. 0.9 for the dense delta or 0.8 with LoRA."
             )
-        if not is_int(self.r) or self.r < 0:
-            raise ValueError(
-                f"MaZOConfig.r must be an integer >= 0 (0 = dense masked delta, > 0 = LoRA rank), got {self.r!r}."
-            )
         if self.lora_alpha is None:
             self.lora_alpha = float(self.r) if self.r > 0 else None
         elif self.r == 0:
-            raise ValueError("MaZOConfig.lora_alpha is set but r = 0 (dense mode has no LoRA scale); set r > 0.")
+            raise ValueError(
+                "MaZOConfig.lora_alpha is set but r = 0 (dense mode has no LoRA scale); set r > 0 or drop lora_alpha."
+            )
         elif not (is_finite_number(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(
                 f"MaZOConfig.lora_alpha must be > 0 and finite (the LoRA scale is lora_alpha / r), got "
                 f"{self.lora_alpha!r}; leave it unset for lora_alpha = r."
             )
-        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
-            raise ValueError(f"MaZOConfig.scorer must be one of {tuple(SCORERS)}, got {self.scorer!r}.")
         if self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(
                 f"MaZOConfig.delta_dtype must be one of {DELTA_DTYPES}, got {self.delta_dtype!r}: the trainable state "

@@ -31,6 +31,30 @@ def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features < 2**15 else torch.int32
 
 
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the `k` largest scores of every row, ties broken towards the lower column index.
+
+    The same set as a stable descending sort would choose, found without sorting: `torch.topk` gives each row's k-th
+    largest score (the threshold); every score above it is kept, and of the scores equal to it the lowest columns fill
+    the row up to `k`. Rows without a tie at the threshold (the usual case for real-valued scores) need no more.
+
+    Args:
+        scores (`torch.Tensor`): (out, in) float scores, no NaN (`topk_columns` checks).
+        k (`int`): kept entries per row, `1 <= k <= in`.
+
+    Returns:
+        `torch.BoolTensor` of shape (out, in) with exactly `k` ones in every row.
+    """
+    threshold = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    kept = scores >= threshold
+    if bool((kept.sum(dim=1) == k).all()):
+        return kept
+    above = scores > threshold
+    tie = scores == threshold
+    room = k - above.sum(dim=1, keepdim=True)
+    return above | (tie & (tie.cumsum(dim=1) <= room))
+
+
 def topk_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the `k` largest scores of every row, ascending, ties broken towards the lower column index.
 
@@ -47,9 +71,8 @@ def topk_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {scores.shape[1]}], got {k}.")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN; a mask cannot be chosen from them.")
-    # A stable descending sort keeps equal scores in column order, so ties go to the lower index.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return order.sort(dim=1).values
+    # nonzero() lists the kept entries row by row in column order: (out, k) ascending columns
+    return topk_mask(scores, k).nonzero()[:, 1].view(scores.shape[0], k)
 
 
 def indices_to_dense(columns: torch.Tensor, in_features: int) -> torch.Tensor:

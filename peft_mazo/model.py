@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._inputs import install_input_check, remove_input_check
 from .config import MaZOConfig
 from .layer import MIXED_BATCH_ERROR, Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
 from .quantized import quantization_kind
@@ -153,6 +154,19 @@ class MaZOModel(BaseTuner):
                     container[adapter_name] = nn.Parameter(
                         old.detach().to(weight.dtype), requires_grad=old.requires_grad
                     )
+
+    def inject_adapter(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, then a check of the token inputs of every forward of the base model
+        (`_inputs.install_input_check`: no `input_ids`, non-integer ids, or, for CPU tensors, ids outside the vocabulary
+        raise a `ValueError` naming the fix instead of failing inside the embedding)."""
+        super().inject_adapter(model, *args, **kwargs)
+        install_input_check(model)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """peft's unload (with or without merging); the base model it returns no longer has the input check."""
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_input_check(model)
+        return model
 
     def _mazo_layers(self) -> dict[str, MaZOLayer]:
         """Adapted modules by name (names as in the base model, e.g. 'model.layers.0.self_attn.q_proj')."""

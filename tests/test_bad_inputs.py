@@ -86,12 +86,12 @@ class Env:
     def adapter(self, name: str, **config: Any) -> Path:
         """A saved adapter with a non-zero delta, on the tiny Llama of seed 0."""
         path = self.tmp / name
-        model = get_peft_model(make_tiny_llama(), MaZOConfig(init_weights=False, **config))
+        model = get_peft_model(make_tiny_llama(), MaZOConfig(init_weights=False, **{"r": 0, **config}))
         model.save_pretrained(path)
         return path
 
     def peft_model(self, **config: Any) -> nn.Module:
-        return get_peft_model(make_tiny_llama(), MaZOConfig(**config))
+        return get_peft_model(make_tiny_llama(), MaZOConfig(**{"r": 0, **config}))
 
 
 def edit_json(path: Path, **changes: Any) -> None:
@@ -325,7 +325,7 @@ CASES: dict[str, Callable[[Env], Attempt]] = {
     "config-half-delta": config_case(
         r"delta_dtype must be one of .* got 'bfloat16'", r"\('float32', 'float64'\)", delta_dtype="bfloat16"
     ),
-    "config-lora-alpha-dense": config_case(r"lora_alpha is set but r = 0", r"set r > 0", lora_alpha=16),
+    "config-lora-alpha-dense": config_case(r"lora_alpha is set but r = 0", r"set r > 0", r=0, lora_alpha=16),
     "config-infinite-alpha": config_case(
         r"alpha must be a number >= 0 \(finite\), got inf", r"Paper: alpha = 10", alpha=float("inf")
     ),  # fmt: skip

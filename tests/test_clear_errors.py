@@ -124,3 +124,154 @@ def test_an_adapter_loaded_for_inference_gets_the_is_trainable_hint(tmp_path):
     with pytest.raises(ValueError, match=r"loaded for inference .* is_trainable=True"):
         ZOSGD(frozen, lr=1e-3)
     ZOSGD(PeftModel.from_pretrained(make_tiny_llama(), path, is_trainable=True), lr=1e-3)
+
+
+# ------------------------------------------------------------------------------------- issue #16 §5: a new user's path
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """Offline mode as huggingface_hub and datasets read it (their constants are set at import), an empty cache, and a
+    guard: any metadata request to the hub fails the test."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    requests = []
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, *args, **kwargs: requests.append(args))
+    yield requests
+    assert not requests, "offline mode made a request to the hub"
+
+
+def test_offline_without_data_dir_names_the_files_and_where_to_put_them(offline_hub, tmp_path, monkeypatch):
+    from peft_mazo.tasks import HubUnavailableError, sample_tasks
+
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    model_dir = tmp_path / "model"
+    make_tiny_llama(max_position_embeddings=256).save_pretrained(model_dir)
+    make_tiny_tokenizer(pad=True).save_pretrained(model_dir)
+    with pytest.raises(RunError) as error:
+        run(RunConfig(model=str(model_dir), tasks=["sst2", "copa"], out=str(tmp_path / "run"), steps=1))
+    message = str(error.value)
+    for needed in ("HF_HUB_OFFLINE=1", "--data-dir DIR", "DIR/<task>/train.jsonl", "sst2/validation.jsonl"):
+        assert needed in message
+    assert "copa/train.jsonl" in message
+    assert not (tmp_path / "run").exists()  # refused before any work
+    with pytest.raises(HubUnavailableError, match=r"data_dir=DIR"):  # the library says the same
+        sample_tasks(["copa"])
+
+
+def test_offline_with_a_cached_hub_copy_goes_ahead(offline_hub, monkeypatch):
+    from peft_mazo.tasks import data
+
+    monkeypatch.setattr(data, "_hub_dataset_cached", lambda path, config: True)
+    data.check_hub_available(["sst2", "copa"])
+
+
+def test_an_unreachable_hub_is_one_failed_request_not_five_retries(monkeypatch):
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    from peft_mazo.tasks import HubUnavailableError, data
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def unreachable(self, repo_id, timeout=None):
+        calls.append((repo_id, timeout))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    with pytest.raises(HubUnavailableError, match=r"cannot be reached \(OSError: .*--data-dir DIR"):
+        data.check_hub_available(["rte", "boolq"])
+    assert calls == [("aps/super_glue", 10)]
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_a_max_length_that_cannot_hold_a_task_is_refused_before_any_work(tmp_path):
+    from peft_mazo.tasks.encoding import minimum_length
+
+    model_dir = tmp_path / "model"
+    make_tiny_llama(max_position_embeddings=256).save_pretrained(model_dir)
+    tokenizer = make_tiny_tokenizer(pad=True)
+    tokenizer.save_pretrained(model_dir)
+    rte = minimum_length("rte", tokenizer)
+    assert minimum_length("sst2", tokenizer) < rte  # the character-level tokenizer: one token per character
+    values = dict(model=str(model_dir), tasks=["sst2", "rte"], out=str(tmp_path / "run"), data_dir=str(SHARED_DATA))
+    with pytest.raises(RunError, match=rf"--max-length 4 cannot hold task 'rte'.* {rte} tokens.*--max-length {rte}"):
+        run(RunConfig(**values, max_length=4, steps=1))
+    with pytest.raises(RunError, match=r"cannot hold task 'rte'"):
+        run(RunConfig(**values, max_length=rte - 1, steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_minimum_length_is_the_template_and_the_longest_answer():
+    from peft_mazo.tasks.encoding import encode_continuations, minimum_length
+
+    tokenizer = make_tiny_tokenizer(pad=True)
+    # sst2: "<s>" + "x It was" + " terrible" (the longer candidate), one token per character
+    assert minimum_length("sst2", tokenizer) == 1 + len("x It was") + len(" terrible")
+    (context, answer), *_ = encode_continuations(tokenizer, ["Title: x\nContext: x\nQuestion: x\nAnswer:"], [" x\n"])
+    assert minimum_length("squad", tokenizer) == len(context) + len(answer)
+
+
+def token_batch(**overrides):
+    batch = {"input_ids": IDS.clone(), "attention_mask": torch.ones_like(IDS)}
+    batch.update(overrides)
+    return {k: v for k, v in batch.items() if v is not None}
+
+
+BAD_BATCHES = [
+    (token_batch(input_ids=None), r"has no 'input_ids' \(it has: attention_mask\).*tokenizer\(texts"),
+    (token_batch(input_ids=IDS.float()), r"'input_ids' is a torch.float32 tensor; token ids must be integers"),
+    (token_batch(input_ids=IDS + 128), r"token id 2\d\d, outside the model's vocabulary \[0, 128\).*own tokenizer"),
+    (token_batch(input_ids=IDS.masked_fill(IDS > 100, -100)), r"token id -100, .* labels' -100"),
+]
+
+
+@pytest.mark.parametrize("batch, match", BAD_BATCHES, ids=["no_ids", "float_ids", "beyond_vocab", "negative_ids"])
+def test_bad_token_batches_get_clear_errors_in_the_zo_step_and_nothing_changes(batch, match):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=4, scorer="magnitude", init_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = ZOSGD(model, lr=1e-3)
+    with pytest.raises(ValueError, match="The model's input.*" + match):
+        optimizer.step(lambda: model(**batch).loss)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match=match):  # a plain forward says the same
+        model(**batch)
+
+
+@pytest.mark.parametrize("batch, match", BAD_BATCHES, ids=["no_ids", "float_ids", "beyond_vocab", "negative_ids"])
+def test_bad_calibration_batches_are_named_before_any_forward(batch, match, monkeypatch):
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5))
+    masks = model.get_masks()
+    monkeypatch.setattr(type(model.base_model.model), "forward", lambda *a, **k: pytest.fail("a forward ran"))
+    good = token_batch()
+    with pytest.raises(ValueError, match=r"Task 'b': calibration batch 1.*" + match):
+        model.compute_importance({"a": [good], "b": [good, batch]}, progress=False)
+    assert all(torch.equal(masks[n], m) for n, m in model.get_masks().items())
+
+
+def test_models_without_token_embeddings_are_not_checked():
+    from tests.helpers import make_mlp
+
+    model = get_peft_model(make_mlp(), MaZOConfig(sparsity=0.5, target_modules=["lin0", "lin1"]))
+    model(torch.randn(2, 64))  # a float input is right for this model
+    model.compute_importance({"a": [{"x": torch.randn(2, 3, 64)}]}, progress=False)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_the_input_check_covers_every_wrapper_and_leaves_with_the_adapter(task_type):
+    base = make_tiny_llama()
+    hooks = len(base._forward_pre_hooks)
+    model = get_peft_model(base, MaZOConfig(sparsity=0.5, task_type=task_type))
+    with pytest.raises(ValueError, match=r"token ids must be integers"):
+        model(input_ids=IDS.float())
+    with pytest.raises(ValueError, match=r"token ids must be integers"):
+        model.get_base_model()(IDS.float())  # positional input_ids, on the base model itself
+    model.add_adapter("second", MaZOConfig(sparsity=0.5))
+    assert len(base._forward_pre_hooks) == hooks + 1  # one check, however many adapters
+    unloaded = model.unload()
+    assert len(unloaded._forward_pre_hooks) == hooks  # the plain model is handed back as it was

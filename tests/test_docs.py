@@ -9,6 +9,8 @@ stand for):
 - `batch`: a batch with `labels`, `micro_batches`: a list of such batches.
 
 The working directory is a temporary directory next to `shared/data`, so `"../shared/data"` is the real task data.
+The first Python block of README.md (and of docs/index.md, the same block) also runs on its own, in an empty
+namespace: it is the example a new user copies, so it must define everything it uses.
 
 A block is not run when its fence says `title="not run"` (```` ```python title="not run" ````) or the line before
 it is `<!-- norun -->`; keep those rare (code that needs a GPU, the network or a large model). Bash blocks never run.
@@ -126,3 +128,24 @@ def test_page_code_blocks_run(page, model_path, tmp_path, monkeypatch):
             raise AssertionError(
                 f"{page.relative_to(ROOT)}, block at line {line} failed: {error!r}\n{code}"
             ) from error
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "docs" / "index.md"], ids=["README.md", "index.md"])
+def test_the_first_example_runs_on_its_own(page, tmp_path, monkeypatch):
+    """No name from `page_namespace`: the block builds its model and data, trains a step, saves and reloads."""
+    line, code, runnable = code_blocks(page.read_text())[0]
+    assert runnable
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace = {"__name__": "__example__"}
+    exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+    reloaded, model = namespace["reloaded"], namespace["model"]
+    assert list(reloaded.peft_config) == ["default"]  # one adapter, on a fresh base
+    assert any(p.requires_grad for p in reloaded.parameters())  # loaded to train on
+    assert reloaded.get_masks().keys() == model.get_masks().keys()
+    assert all(reloaded.get_masks()[k].equal(m) for k, m in model.get_masks().items())
+
+
+def test_readme_and_index_open_with_the_same_example():
+    readme, index = (code_blocks(p.read_text())[0][1] for p in (ROOT / "README.md", ROOT / "docs" / "index.md"))
+    assert readme == index

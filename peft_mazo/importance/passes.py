@@ -14,7 +14,6 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..layer import MaZOLayer
 from ..scorers import Scorer
@@ -27,6 +26,27 @@ DEFAULT_CUDA_STATS_BYTES = 1 << 30
 _DEFAULT_TASK = "task"
 
 TaskData = Union[Iterable, Mapping[str, Iterable], Sequence[tuple[str, Iterable]]]
+
+
+def progress_bar(enabled: bool, desc: str) -> Any:
+    """The mask search's one progress bar (its total grows as the work becomes known, see `grow_total`).
+
+    It is transformers' `logging.tqdm`, so `transformers.utils.logging.disable_progress_bar()` and
+    `HF_HUB_DISABLE_PROGRESS_BARS=1` turn it off; `disable` is passed only when `enabled` is False, so that tqdm's
+    own `TQDM_DISABLE=1` applies too.
+    """
+    from transformers.utils import logging as hf_logging
+
+    kwargs: dict[str, Any] = {} if enabled else {"disable": True}
+    return hf_logging.tqdm(total=0, desc=desc, unit="step", leave=False, **kwargs)
+
+
+def grow_total(bar: Any, steps: int) -> None:
+    """Add `steps` to the total of a bar from `progress_bar` (a no-op on transformers' stand-in when bars are off)."""
+    total = getattr(bar, "total", None)
+    if isinstance(total, (int, float)):
+        bar.total = total + steps
+        bar.refresh()
 
 
 def _named_loaders(calib_loaders: Optional[TaskData]) -> list[tuple[str, Any]]:
@@ -147,12 +167,13 @@ def collect_task_vectors(
     eta: float,
     damping: float,
     max_stats_bytes: Optional[int],
-    progress: bool,
+    bar: Any,
     task_seconds: dict[str, float],
 ):
     """Calibration passes, window by window, reduced to n-vectors per (task, group) as soon as a window is done.
 
     The statistics are those the scorer asks for (`scorer.statistics`), and `scorer.task_vectors` reduces them.
+    `bar` (from `progress_bar`) advances by one step per forward pass; its total grows by the passes planned.
 
     Returns:
         `(vectors, tokens, vector_seconds, groups, windows, passes)` with `vectors[task][group]` = the scorer's
@@ -181,16 +202,18 @@ def collect_task_vectors(
             on_cuda = any(group.device.type == "cuda" for group in recorder.groups)
             budget = DEFAULT_CUDA_STATS_BYTES if on_cuda else math.inf
         windows = plan_windows(recorder.groups, full, budget)
+        grow_total(bar, len(windows) * sum(len(batches) for _, batches in tasks))
         devices = [group.device for group in recorder.groups]
         for w, window in enumerate(windows):
             for task, batches in tasks:
-                desc = f"MaZO stats [{task}]" + (f" window {w + 1}/{len(windows)}" if len(windows) > 1 else "")
+                bar.set_postfix_str(task + (f", window {w + 1}/{len(windows)}" if len(windows) > 1 else ""))
                 synchronize(devices)
                 begin = time.perf_counter()
                 recorder.start_window(window, full)
-                for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                for batch in batches:
                     _forward(model, batch, device, no_cache, recorder)
                     passes += 1
+                    bar.update(1)
                 stats = recorder.finish_window()
                 all_reduce_stats(stats)  # data parallel: the window's statistics over every rank's shard
                 synchronize(devices)

@@ -10,17 +10,17 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed as _dist
 from .._checks import is_finite_number, is_int
+from .._inputs import check_token_inputs
 from ..config import MaZOConfig
 from ..layer import MaZOLayer, mazo_layers, mazo_tuner, resolve_adapter
-from ..mask import index_dtype, indices_to_dense, topk_columns
+from ..mask import index_dtype, topk_columns, topk_mask
 from ..quantized import dense_weight
 from ..scorers import Scorer, get_scorer
 from ..scores import BLOCK_ELEMENTS, DEFAULT_DAMPING, DEFAULT_ETA, aggregate_scores
-from .passes import TaskData, collect_task_vectors, synchronize, take_batches
+from .passes import TaskData, collect_task_vectors, grow_total, progress_bar, synchronize, take_batches
 from .report import ImportanceReport, LayerTaskRecord
 
 
@@ -56,7 +56,9 @@ def compute_importance(
             statistics are summed over the ranks, and every rank writes the same mask.
         num_batches (`int`, *optional*): batches per task; None = the whole loader.
         eta (`float`, *optional*): learning rate η of the greedy score; default `DEFAULT_ETA` = 1e-7.
-        progress (`bool`): tqdm bars per task (forward passes) and per layer (scores).
+        progress (`bool`): one progress bar for the whole search (a step per forward pass and per scored layer);
+            off as well when transformers' progress bars are (`transformers.utils.logging.disable_progress_bar()`,
+            `HF_HUB_DISABLE_PROGRESS_BARS=1`) or `TQDM_DISABLE=1`.
         adapter_name (`str`, *optional*): defaults to the first active adapter.
         reset (`bool`): allow an adapter whose delta is non-zero: the delta is set to zero with the new mask.
             Without it, such an adapter is refused before any forward pass.
@@ -105,6 +107,9 @@ def compute_importance(
         return report
 
     tasks = take_batches(calib_loaders, num_batches)
+    for task, batches in tasks:  # token ids present, integer and within the vocabulary: before any forward pass
+        for index, batch in enumerate(batches):
+            check_token_inputs(tuner.model, (), batch, f"Task '{task}': calibration batch {index}", check_range=True)
     report.tasks = [task for task, _ in tasks]
     if _dist.is_distributed():  # every rank must run the same tasks: their statistics are summed over the ranks
         _dist.assert_same_on_all_ranks(
@@ -113,30 +118,33 @@ def compute_importance(
     if scorer.statistics == "moments":  # S_global and S_greedy: η, the damping, α and β apply
         report.settings.update({"eta": eta, "damping": damping, "alpha": config.alpha, "beta": config.beta})
 
-    vectors, tokens, vector_seconds, groups, windows, passes = collect_task_vectors(
-        tuner, layers, tasks, scorer, eta, damping, max_stats_bytes, progress, report.task_seconds
-    )
-    report.settings.update({"windows": windows, "forward_passes": passes})
-    group_of = {name: group for group in groups for name in group.members}
-
-    columns: dict[str, torch.Tensor] = {}
-    for name, layer in tqdm(layers.items(), desc="MaZO scores", disable=not progress, leave=False):
-        group = group_of[name]
-        k = layer.mazo_k[adapter_name]
-        task_vectors = [(task, vectors[task][group.index]) for task in report.tasks]
-        columns[name], overlaps, seconds = _score_layer(layer, k, task_vectors, scorer, config)
-        for task in report.tasks:
-            share = vector_seconds[task][group.index] / len(group.members)
-            report.records.append(
-                LayerTaskRecord(
-                    task=task,
-                    layer=name,
-                    tokens=tokens[task][group.index],
-                    seconds=seconds[task] + share,
-                    overlap=overlaps[task],
-                    kept=layer.out_features * k,
+    with progress_bar(progress, "MaZO mask search") as bar:
+        grow_total(bar, len(layers))
+        vectors, tokens, vector_seconds, groups, windows, passes = collect_task_vectors(
+            tuner, layers, tasks, scorer, eta, damping, max_stats_bytes, bar, report.task_seconds
+        )
+        bar.set_postfix_str("scores")
+        group_of = {name: group for group in groups for name in group.members}
+        columns: dict[str, torch.Tensor] = {}
+        for name, layer in layers.items():
+            group = group_of[name]
+            k = layer.mazo_k[adapter_name]
+            task_vectors = [(task, vectors[task][group.index]) for task in report.tasks]
+            columns[name], overlaps, seconds = _score_layer(layer, k, task_vectors, scorer, config)
+            for task in report.tasks:
+                share = vector_seconds[task][group.index] / len(group.members)
+                report.records.append(
+                    LayerTaskRecord(
+                        task=task,
+                        layer=name,
+                        tokens=tokens[task][group.index],
+                        seconds=seconds[task] + share,
+                        overlap=overlaps[task],
+                        kept=layer.out_features * k,
+                    )
                 )
-            )
+            bar.update(1)
+    report.settings.update({"windows": windows, "forward_passes": passes})
     _write_masks(layers, columns, adapter_name, reset)
     report.total_seconds = time.perf_counter() - start
     logger.info(
@@ -200,14 +208,14 @@ def _score_layer(
     hits = {task: torch.zeros((), dtype=torch.int64, device=device) for task in tasks}
     seconds = dict.fromkeys(tasks, 0.0)
     shared = 0.0
-    own: dict[str, torch.Tensor] = {}
+    own: dict[str, torch.Tensor] = {}  # each task's own top-k set, as a bool mask of the block
     mark = 0.0
 
     def read_task(t: int, normalised: torch.Tensor) -> None:
         """A task's own top-k set (for its overlap with the final mask) and its wall time since the previous task."""
         nonlocal mark
         if len(tasks) > 1:
-            own[tasks[t]] = topk_columns(normalised, k)
+            own[tasks[t]] = topk_mask(normalised, k)
         synchronize([device])
         now = time.perf_counter()
         seconds[tasks[t]] += now - mark
@@ -223,7 +231,7 @@ def _score_layer(
         begin = mark
         final = topk_columns(total, k)
         for task, chosen in own.items():
-            hits[task] += indices_to_dense(chosen, in_features).gather(1, final).sum()
+            hits[task] += chosen.gather(1, final).sum()
         own.clear()
         columns[start : start + rows] = final.to("cpu", dtype=columns.dtype)
         shared += time.perf_counter() - begin

@@ -26,13 +26,15 @@ FREE_SPACE_MARGIN = 32 * 2**20
 def validate(config: RunConfig) -> None:
     """Raise `RunError` for bad input, before any model weights or data are loaded and before anything is written.
 
-    Checks the method, tasks, numbers, adapter settings (`--sparsity`, `--r`), dtype and device, the data files, the
-    model directory, that `--out` is writable (without creating it), that `--resume` finds a checkpoint made with the
-    same settings, and that the disk has room for the checkpoints (an estimate from the model's config).
+    Checks the method, tasks, numbers, adapter settings (`--sparsity`, `--r`), dtype and device, the data files (or,
+    without `--data-dir`, that the hub datasets can be loaded: `check_hub_available`), the model directory, that
+    `--max-length` holds every task's template and answer (`check_max_length`), that `--out` is writable (without
+    creating it), that `--resume` finds a checkpoint made with the same settings, and that the disk has room for the
+    checkpoints (an estimate from the model's config).
     """
     from ..methods import get_method
     from ..tasks import canonical_task_name
-    from ..tasks.data import check_data_files
+    from ..tasks.data import HubUnavailableError, check_data_files, check_hub_available
 
     config.check()  # the values on their own (they may have changed since the config was built)
     method = get_method(config.method)
@@ -55,7 +57,13 @@ def validate(config: RunConfig) -> None:
             check_data_files(config.tasks, config.data_dir)
         except (ValueError, FileNotFoundError) as error:
             raise RunError(str(error)) from None
+    else:
+        try:
+            check_hub_available(config.tasks)
+        except HubUnavailableError as error:
+            raise RunError(str(error)) from None
     _check_model_name(config.model)
+    check_max_length(config)
     out = Path(config.out)
     _check_writable(out)
     groups = [out / t for t in config.tasks] if method.per_task else [out]
@@ -110,6 +118,32 @@ def _check_model_name(model: str) -> None:
         raise RunError(
             f"--model {model}: no such directory. Pass an existing model directory, a hub id such as "
             "HuggingFaceTB/SmolLM2-135M-Instruct, or smollm2-135m (installed offline)."
+        )
+
+
+def check_max_length(config: RunConfig) -> None:
+    """`RunError` when `--max-length` cannot hold some task's prompt template and answer with the model's tokenizer
+    (`tasks.encoding.minimum_length`): every example of that task would be cut. Only the tokenizer is loaded; when it
+    cannot be, the check is skipped (loading the model reports the problem)."""
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model
+    from ..tasks.encoding import minimum_length
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    except Exception as error:  # noqa: BLE001 - the model load reports it with its own message
+        logger.info("Could not load the tokenizer to check --max-length (%s); skipping the check.", error)
+        return
+    needed = {task: minimum_length(task, tokenizer) for task in config.tasks}
+    short = [task for task, length in needed.items() if length > config.max_length]
+    if short:
+        task = max(short, key=needed.__getitem__)
+        raise RunError(
+            f"--max-length {config.max_length} cannot hold task '{task}': its prompt template and answer alone take "
+            f"{needed[task]} tokens with this model's tokenizer, so every example would be cut (the prompt from the "
+            f"left, then the answer). Pass --max-length {max(needed.values())} or more to fit every task's template "
+            "(the default, 512, also leaves room for the examples' text)."
         )
 
 

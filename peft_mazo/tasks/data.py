@@ -10,7 +10,9 @@ train file, the test examples from the validation file. Sizes count *examples*, 
 options (each passage record gives one example per option; see `templates.render_multirc`).
 
 Every check (task names, directories, files, fields of every record) runs before anything is rendered or sampled,
-and errors name what to fix: the path, or the file, line number and field of a bad record.
+and errors name what to fix: the path, or the file, line number and field of a bad record. Without a data directory,
+offline mode (`HF_HUB_OFFLINE=1`) without a cached copy of the datasets, or an unreachable hub, raises
+`HubUnavailableError` naming the files to provide instead, before any load (and without `datasets`' retries).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ HUB_SOURCES: dict[str, tuple[str, str | None]] = {
 
 class TaskDataError(ValueError):
     """A data record that cannot be used; the message names the file (or hub dataset), the line and the field."""
+
+
+class HubUnavailableError(ConnectionError):
+    """No data directory was given and the tasks' hub datasets cannot be loaded (offline mode without a cached copy,
+    or the hub cannot be reached); the message names the files to provide instead and where to put them."""
 
 
 @dataclass(frozen=True)
@@ -249,8 +256,68 @@ def load_hub_records(task: str, split: str) -> list[dict[str, Any]]:
             "Loading tasks from the hub needs `pip install datasets`; or pass a data directory."
         ) from err
     path, config = HUB_SOURCES[name]
-    rows = datasets.load_dataset(path, config, split=split)
+    try:
+        rows = datasets.load_dataset(path, config, split=split)
+    except ConnectionError as error:  # datasets' "Couldn't reach ..." (offline mode, or after its retries)
+        raise HubUnavailableError(_hub_unavailable_message([name], f"{error}")) from error
     return hub_rows_to_records(name, rows)
+
+
+def _hub_unavailable_message(tasks: Sequence[str], reason: str) -> str:
+    files = ", ".join(f"{task}/{split}.jsonl" for task in tasks for split in SPLITS)
+    return (
+        f"No data directory was given, so the tasks are loaded from the Hugging Face hub, but {reason}. Put the task "
+        f"files in a directory DIR as DIR/<task>/train.jsonl and DIR/<task>/validation.jsonl (here: {files}; one JSON "
+        "record per line in the dataset's original field names, as in ../shared/data) and pass --data-dir DIR "
+        "(data_dir=DIR in Python). Or load the datasets once while online (later runs with HF_HUB_OFFLINE=1 read the "
+        "Hugging Face cache)."
+    )
+
+
+def _hub_dataset_cached(path: str, config: str | None) -> bool:
+    """Whether `datasets` can build the hub dataset from its local cache alone (called in offline mode only, when no
+    request is made; reads the builder's metadata, not the data)."""
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(path, config)
+    except (ConnectionError, FileNotFoundError):
+        return False
+    return True
+
+
+def check_hub_available(tasks: Iterable[str]) -> None:
+    """Raise `HubUnavailableError`, before any data is read, when the tasks cannot come from the hub.
+
+    In offline mode (`HF_HUB_OFFLINE=1`, as `huggingface_hub` and `datasets` read it) every task's dataset must be in
+    the local `datasets` cache. Otherwise one metadata request (no retries, 10 s timeout) tells whether the hub can be
+    reached at all, instead of `datasets`' five retries with back-off before its `ConnectionError`. An HTTP error
+    answer (the hub replied) is left to the real load.
+    """
+    import datasets
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    names = [canonical_task_name(task) for task in tasks]
+    if not names:
+        return
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        missing = [name for name in names if not _hub_dataset_cached(*HUB_SOURCES[name])]
+        if missing:
+            raise HubUnavailableError(
+                _hub_unavailable_message(
+                    missing, f"offline mode is on (HF_HUB_OFFLINE=1) and the cache holds no copy of {missing}"
+                )
+            )
+        return
+    try:
+        HfApi().dataset_info(HUB_SOURCES[names[0]][0], timeout=10)
+    except HfHubHTTPError:  # the hub answered (e.g. 401, 404): reachable; the load reports the problem itself
+        return
+    except Exception as error:  # noqa: BLE001 - any transport failure (DNS, refused, timeout): the hub is unreachable
+        raise HubUnavailableError(
+            _hub_unavailable_message(names, f"the hub cannot be reached ({type(error).__name__}: {error})")
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -380,7 +447,8 @@ def sample_tasks(
 ) -> dict[str, TaskSplits]:
     """`sample_task` for several tasks, keyed by canonical name in the given order.
 
-    All names, sizes and (with a data directory) files are checked before any file is read.
+    All names, sizes and (with a data directory) files are checked before any file is read; without one,
+    `check_hub_available` refuses offline mode without a cached copy, or an unreachable hub, before any load.
     """
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -395,6 +463,8 @@ def sample_tasks(
     _check_size("n_test", n_test, allow_none=True)
     if data_dir is not None:
         check_data_files(names, data_dir, splits=SPLITS if n_test != 0 else ("train",))
+    else:
+        check_hub_available(names)
     splits = {}
     for name in names:
         train_pool = load_examples(name, "train", data_dir)

@@ -125,6 +125,27 @@ def encode_continuations(
     return out
 
 
+def minimum_length(task: str, tokenizer: Any) -> int:
+    """The fewest tokens that hold a task's prompt template and its longest answer with this tokenizer.
+
+    It is the length of the task's shortest possible example (`templates.SKELETONS`: every text field one character)
+    with its longest candidate (or its training target, for generation), leading special tokens included. A
+    `max_length` below it cuts the template or the answer of every example.
+
+    Args:
+        task (`str`): task name (any spelling `canonical_task_name` accepts).
+        tokenizer: the model's tokenizer.
+    """
+    from .registry import get_task
+    from .templates import SKELETONS
+
+    spec = get_task(task)
+    (example,) = spec.render(SKELETONS[spec.name], f"{spec.name}/skeleton")
+    continuations = list(example.candidates) or [example.target]
+    pairs = encode_continuations(tokenizer, [example.prompt] * len(continuations), continuations)
+    return max(len(context) + len(continuation) for context, continuation in pairs)
+
+
 def encode_contexts(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
     """Token ids of the prompts alone (leading special tokens + prompt, truncated from the left to `max_length`)."""
     if not prompts:

@@ -186,3 +186,19 @@ RENDERERS: dict[str, Renderer] = {
     "copa": render_copa,
     "squad": render_squad,
 }
+
+
+# The shortest record of each task: every text field one character ("x"), the label valid. Its rendering is the
+# template's own text around the shortest content, so its token count is the least `max_length` that holds the template
+# and the answer (`encoding.minimum_length`); any real example is at least that long.
+_X = "x"
+SKELETONS: dict[str, Record] = {
+    "sst2": {"sentence": _X, "label": 0},
+    "boolq": {"passage": _X, "question": _X, "label": True},
+    "rte": {"premise": _X, "hypothesis": _X, "label": "entailment"},
+    "wsc": {"text": _X, "target": {"span1_text": _X, "span2_text": _X}, "label": True},
+    "wic": {"word": _X, "sentence1": _X, "sentence2": _X, "label": True},
+    "multirc": {"passage": {"text": _X, "questions": [{"question": _X, "answers": [{"text": _X, "label": True}]}]}},
+    "copa": {"premise": _X, "choice1": _X, "choice2": _X, "question": "cause", "label": 0},
+    "squad": {"title": _X, "context": _X, "question": _X, "answers": {"text": [_X]}},
+}

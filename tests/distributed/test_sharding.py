@@ -209,7 +209,9 @@ def _train(rank: int, model: torch.nn.Module, scenario: str, save_to: Path | Non
 
 def _tied_run(rank: int) -> dict:
     """Tied input and output embeddings (one weight): both stay in the root unit; one ZO step."""
-    model = get_peft_model(make_tiny_llama(tie_word_embeddings=True), MaZOConfig(sparsity=0.5, scorer="magnitude"))
+    model = get_peft_model(
+        make_tiny_llama(tie_word_embeddings=True), MaZOConfig(sparsity=0.5, r=0, scorer="magnitude")
+    )
     shard_base(model)
     opt = ZOSGD(model, lr=LR, eps=EPS, seed=SEED)
     opt.step(partial(lm_loss, model, half(step_batch(0), rank)))
@@ -425,7 +427,9 @@ def test_tied_embeddings_stay_in_the_root_unit(ranks):
         "base_model.model.model.layers.0",
         "base_model.model.model.layers.1",
     ]
-    model = get_peft_model(make_tiny_llama(tie_word_embeddings=True), MaZOConfig(sparsity=0.5, scorer="magnitude"))
+    model = get_peft_model(
+        make_tiny_llama(tie_word_embeddings=True), MaZOConfig(sparsity=0.5, r=0, scorer="magnitude")
+    )
     opt = ZOSGD(model, lr=LR, eps=EPS, seed=SEED)
     opt.step([partial(lm_loss, model, half(step_batch(0), r)) for r in range(WORLD)])
     assert zero["loss"] == one["loss"] == opt.last_step.loss
@@ -446,7 +450,7 @@ def test_zosgd_refuses_an_adapter_sharded_by_fsdp(ranks):
 def test_shard_base_refusals_in_one_process():
     with pytest.raises(ValueError, match="process group"):
         shard_base(mazo_model("dense-eager", double=False))
-    pending = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, scorer="mazo"))
+    pending = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.5, r=0, scorer="mazo"))
     with pytest.raises(ValueError, match="compute_importance"):
         shard_base(pending)
     with pytest.raises(TypeError, match="MaZO adapter"):

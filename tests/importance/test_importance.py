@@ -20,6 +20,11 @@ from tests.helpers import make_mlp, make_tiny_llama
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------------
+def no_bar():
+    """A switched-off progress bar, for calling `collect_task_vectors` directly."""
+    return imp.passes.progress_bar(False, "stats")
+
+
 def random_spd(n, seed, rank=None, dtype=torch.float64):
     """`XᵀX / N` of random inputs (rank-deficient when `rank < n`), damped as in the spec."""
     gen = torch.Generator().manual_seed(seed)
@@ -59,11 +64,14 @@ def subspace_batches(active, n_batches=3, seed=0):
 
 
 def mlp_model(sparsity=0.75, **kwargs):
-    return get_peft_model(make_mlp(), MaZOConfig(sparsity=sparsity, target_modules=["lin0", "lin1"], **kwargs))
+    return get_peft_model(
+        make_mlp(), MaZOConfig(sparsity=sparsity, target_modules=["lin0", "lin1"], **{"r": 0, **kwargs})
+    )
 
 
 def llama_model(seed=0, **kwargs):
     kwargs.setdefault("sparsity", 0.75)
+    kwargs.setdefault("r", 0)
     return get_peft_model(make_tiny_llama(seed=seed), MaZOConfig(**kwargs))
 
 
@@ -229,7 +237,7 @@ def test_statistics_match_brute_force_on_mlp():
     tasks = [("a", batches)]
     layers = model.base_model._mazo_layers()
     vectors, tokens, *_ = imp.passes.collect_task_vectors(
-        model.base_model, layers, tasks, get_scorer("mazo"), imp.DEFAULT_ETA, 0.01, None, False, {}
+        model.base_model, layers, tasks, get_scorer("mazo"), imp.DEFAULT_ETA, 0.01, None, no_bar(), {}
     )
     inputs = mlp_layer_inputs(model, batches)
     for index, name in enumerate(["lin0", "lin1"]):
@@ -260,7 +268,7 @@ def test_padding_positions_do_not_change_any_score():
 
     def collect(batches):
         return imp.passes.collect_task_vectors(
-            tuner, layers, [("t", batches)], get_scorer("mazo"), 1e-3, 0.01, None, False, {}
+            tuner, layers, [("t", batches)], get_scorer("mazo"), 1e-3, 0.01, None, no_bar(), {}
         )
 
     vectors_plain, tokens_plain, *_ = collect(plain)
@@ -431,7 +439,7 @@ def test_modes_and_flags_are_restored_after_success_and_failure():
 
 def test_only_the_chosen_adapter_changes():
     model = llama_model()
-    model.add_adapter("other", MaZOConfig(sparsity=0.5))
+    model.add_adapter("other", MaZOConfig(sparsity=0.5, r=0))
     before = masks_of(model)
     model.compute_importance(token_batches(0, 128), progress=False, adapter_name="other")
     assert all(torch.equal(model.get_masks()[n], m) for n, m in before.items())
@@ -531,9 +539,79 @@ def test_four_bit_base_uses_the_dequantized_weight(tmp_path):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
-    model = get_peft_model(base, MaZOConfig(sparsity=0.75))
+    model = get_peft_model(base, MaZOConfig(sparsity=0.75, r=0))
     assert all(
         isinstance(layer.get_base_layer(), bnb.nn.Linear4bit) for layer in model.base_model._mazo_layers().values()
     )
     data = {"a": token_batches(0, 64, seed=11, pad_from=6), "b": token_batches(64, 128, seed=12)}
     assert_llama_masks_match_reference(model, data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cost and progress reporting (issue #16 §5 item 6)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 9, 37])
+def test_inverse_diagonal_with_trailing_blocks_matches_inverse(n):
+    _, hessian = random_spd(n, seed=n)  # n = 37: blocks of 5 columns, the last one shorter
+    factor = torch.linalg.cholesky(hessian)
+    torch.testing.assert_close(peft_mazo.scores._inverse_diagonal(factor), torch.linalg.inv(hessian).diagonal())
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records every bar made and what it was told."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs, self.total, self.n, self.postfixes = kwargs, kwargs.get("total"), 0, []
+        _RecordingBar.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, steps=1):
+        self.n += steps
+
+    def refresh(self):
+        pass
+
+    def set_postfix_str(self, text):
+        self.postfixes.append(text)
+
+
+def test_one_progress_bar_for_the_whole_search(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(hf_logging.tqdm_lib, "tqdm", _RecordingBar)
+    monkeypatch.setattr(_RecordingBar, "made", [])
+    model = llama_model()
+    data = {"a": token_batches(0, 64, n_batches=2), "b": token_batches(64, 128, n_batches=2)}
+    report = model.compute_importance(data)
+    (bar,) = _RecordingBar.made  # one bar, not one per task and per layer
+    assert "disable" not in bar.kwargs  # so that TQDM_DISABLE=1 still applies
+    forward_passes, layers = report.settings["forward_passes"], len(report.layers)
+    assert bar.total == bar.n == forward_passes + layers
+    assert bar.postfixes[:2] == ["a", "b"] and bar.postfixes[-1] == "scores"
+
+
+@pytest.mark.parametrize("how", ["progress=False", "transformers"])
+def test_progress_bar_respects_the_disable_settings(how, capsys):
+    """`progress=False`, or transformers' switch (which `HF_HUB_DISABLE_PROGRESS_BARS=1` also sets), silences the bar.
+    tqdm's `TQDM_DISABLE=1` is read when tqdm is imported; the bar honours it by never passing `disable=False`
+    (`test_one_progress_bar_for_the_whole_search`)."""
+    from transformers.utils import logging as hf_logging
+
+    model = llama_model()
+    data = {"a": token_batches(0, 64, n_batches=2), "b": token_batches(64, 128, n_batches=2)}
+    if how == "transformers":
+        hf_logging.disable_progress_bar()
+    try:
+        model.compute_importance(data, progress=how == "transformers")
+    finally:
+        hf_logging.enable_progress_bar()
+    assert capsys.readouterr().err == ""
+    model.compute_importance(data, progress=True, reset=True)  # control: the bar is there when nothing disables it
+    assert "MaZO mask search" in capsys.readouterr().err

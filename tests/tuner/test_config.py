@@ -17,7 +17,7 @@ from tests.helpers import make_tiny_llama
         ({"r": 2.5}, r"r must be an integer >= 0"),
         ({"scorer": "fisher"}, r"scorer must be one of \('mazo', 'wanda', 'magnitude', 'random', 'none'\)"),
         ({"delta_dtype": "bfloat16"}, r"delta_dtype must be one of \('float32', 'float64'\)"),
-        ({"lora_alpha": 16}, "lora_alpha is set but r = 0"),
+        ({"r": 0, "lora_alpha": 16}, "lora_alpha is set but r = 0"),
         ({"r": 8, "lora_alpha": 0}, "lora_alpha must be > 0"),
         ({"alpha": -1}, "alpha must be a number >= 0"),
         ({"layers_pattern": "layers"}, "layers_pattern only applies with layers_to_transform"),
@@ -29,11 +29,51 @@ def test_bad_config_raises_value_error_naming_field(kwargs, match):
 
 
 def test_defaults_follow_the_paper_and_peft_conventions():
-    config = MaZOConfig()
-    assert (config.sparsity, config.r, config.alpha, config.beta) == (0.9, 0, 10.0, 1.0)
+    config = MaZOConfig()  # MaZO LoRA, the paper's best-scoring variant and `mazo train`'s default method
+    assert (config.sparsity, config.r, config.lora_alpha, config.alpha, config.beta) == (0.8, 64, 64.0, 10.0, 1.0)
     assert config.target_modules == "all-linear"
     assert config.peft_type == "MAZO"
-    assert MaZOConfig(r=64).lora_alpha == 64.0
+    from peft_mazo.methods import get_method
+
+    assert get_method("mazo-lora").adapter_config() == {"scorer": "mazo", "r": config.r, "sparsity": config.sparsity}
+
+
+@pytest.mark.parametrize(
+    "kwargs, sparsity", [({}, 0.8), ({"r": 8}, 0.8), ({"r": 0}, 0.9), ({"r": 0, "sparsity": 0.5}, 0.5)]
+)
+def test_default_sparsity_is_the_papers_for_the_mode(kwargs, sparsity):
+    assert MaZOConfig(**kwargs).sparsity == sparsity
+
+
+def test_scorer_none_by_default_keeps_every_entry_without_a_warning(recwarn):
+    assert MaZOConfig(scorer="none").sparsity == 0.0
+    assert not [w for w in recwarn if "is ignored" in str(w.message)]
+
+
+@pytest.mark.parametrize("mode", [{"r": 0}, {"r": 8, "sparsity": 0.5}, {}])
+def test_saved_configs_hold_r_and_sparsity_so_defaults_never_change_a_load(mode, tmp_path):
+    """A saved adapter_config.json states r, sparsity and lora_alpha: loading passes them back, so a change of the
+    defaults (r was 0 before MaZO LoRA became the default) cannot turn a saved adapter into another mode."""
+    import json
+
+    get_peft_model(make_tiny_llama(), MaZOConfig(**mode)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = MaZOConfig(**mode)
+    assert (saved["r"], saved["sparsity"], saved["lora_alpha"]) == (config.r, config.sparsity, config.lora_alpha)
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path).peft_config["default"]
+    assert (loaded.r, loaded.sparsity, loaded.lora_alpha) == (config.r, config.sparsity, config.lora_alpha)
+
+
+def test_an_adapter_saved_with_the_old_dense_default_loads_as_dense(tmp_path):
+    """What a run saved when r=0 was the default: its file says r = 0 and sparsity = 0.9, and it loads as that."""
+    import json
+
+    get_peft_model(make_tiny_llama(), MaZOConfig(r=0)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["r"], saved["sparsity"], saved["lora_alpha"]) == (0, 0.9, None)
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].r == 0
+    assert any("mazo_values" in name for name, _ in loaded.named_parameters())  # the dense delta, not LoRA's A, B
 
 
 def test_scorer_none_warns_that_sparsity_is_ignored():

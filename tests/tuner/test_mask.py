@@ -33,6 +33,34 @@ def test_topk_columns_matches_brute_force_on_random_scores():
         assert columns[row].tolist() == expected
 
 
+def _stable_sort_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: a stable descending sort, its first k columns, ascending."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "constant", "infinite", "signed_zero"])
+@pytest.mark.parametrize("k", [1, 5, 17, 40])
+def test_topk_columns_and_mask_equal_a_stable_sort(kind, k):
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randn(24, 40, generator=generator)
+    if kind == "ties":  # few distinct values: ties at the threshold in almost every row
+        scores = (scores * 2).round()
+    elif kind == "constant":
+        scores = torch.full((24, 40), 0.5)
+    elif kind == "infinite":
+        scores[:, ::3] = float("-inf")
+        scores[::4, 1::5] = float("inf")
+    elif kind == "signed_zero":  # -0.0 == 0.0: one tie group, in column order
+        scores = torch.where(scores > 0, torch.tensor(0.0), torch.tensor(-0.0))
+    expected = _stable_sort_topk(scores, k)
+    assert torch.equal(mask_ops.topk_columns(scores, k), expected)
+    assert torch.equal(mask_ops.topk_mask(scores, k), mask_ops.indices_to_dense(expected, 40))
+
+
+def test_topk_columns_of_no_rows():
+    assert mask_ops.topk_columns(torch.zeros(0, 6), 2).shape == (0, 2)
+
+
 def test_topk_columns_rejects_nan_and_bad_k():
     with pytest.raises(ValueError, match="NaN"):
         mask_ops.topk_columns(torch.tensor([[float("nan"), 1.0]]), 1)

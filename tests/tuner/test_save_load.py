@@ -97,7 +97,7 @@ def test_save_in_one_process_load_in_another(tmp_path, mode):
 
 
 def test_saved_dense_adapter_size_matches_the_compact_layout(tmp_path):
-    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.9))
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.9, r=0))
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     values = sum(t.numel() * t.element_size() for k, t in tensors.items() if "mazo_values" in k)
@@ -107,7 +107,7 @@ def test_saved_dense_adapter_size_matches_the_compact_layout(tmp_path):
 
 @pytest.fixture
 def saved_dense_adapter(tmp_path):
-    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.8, init_weights=False))
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.8, r=0, init_weights=False))
     model.save_pretrained(tmp_path)
     return tmp_path
 

@@ -250,7 +250,7 @@ def test_set_masks_validates_and_refuses_trained_delta():
 
 def test_scorer_none_trains_every_entry():
     with pytest.warns(UserWarning, match="ignored"):
-        config = MaZOConfig(scorer="none", sparsity=0.8, init_weights=False)
+        config = MaZOConfig(scorer="none", sparsity=0.8, r=0, init_weights=False)
     model = get_peft_model(make_tiny_llama(), config)
     layer = mazo_layers(model)["model.layers.0.mlp.down_proj"]
     assert layer.mazo_values["default"].shape == (64, 128)
@@ -297,7 +297,7 @@ def test_conv1d_is_refused_with_a_clear_error():
 
 
 def test_adapter_parameter_count_matches_k_per_row():
-    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.9))
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.9, r=0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     expected = 0
     for layer in mazo_layers(model).values():
