@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 from pathlib import Path
 
-import peft
 import torch
+from common import results_header  # benchmarks/common.py
 from peft import get_peft_model
 from safetensors import safe_open
 from torch import nn
@@ -85,10 +84,9 @@ def main() -> None:
             f"| {100 * r['ratio_to_bf16_base_weights']:.1f} % | {kinds} |"
         )
     record = {
-        "what": "saved MaZO adapter size, Llama-2-7B layer shapes",
+        **results_header("adapter_size", torch.device("cpu")),
+        "what": "saved MaZO adapter size, Llama-2-7B layer shapes (computed from the saved files; no timing)",
         "shapes": SHAPES,
-        "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "peft": peft.__version__, "peft_mazo": peft_mazo.__version__},
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

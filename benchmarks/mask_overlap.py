@@ -22,9 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import peft
 import torch
-import transformers
+from common import results_header  # benchmarks/common.py
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,8 +141,8 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     payload = {
+        **results_header("mask_overlap", torch.device("cpu")),
         "model": args.model,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "settings": vars(args) | {"out": str(args.out), "data_dir": str(args.data_dir)},
         "multi_task_seconds": multi_seconds,
         "pairwise_overlap": {f"{a}|{b}": v for (a, b), v in pairs.items()},
