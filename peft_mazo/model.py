@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from peft.config import PeftConfig
@@ -34,6 +34,16 @@ class MaZOModel(BaseTuner):
     prefix: str = "mazo_"
     tuner_layer_cls = MaZOLayer
     target_module_mapping: dict = {}
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        _refuse_existing_adapter(model, adapter_name)  # before peft records the new config under that name
+        super().__init__(model, peft_config, adapter_name, *args, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's `inject_adapter`, refused (`ValueError`, the model unchanged) when `model` already holds a MaZO
+        adapter of that name: wrapping its layers again would overwrite that adapter's delta and mask."""
+        _refuse_existing_adapter(model, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: MaZOConfig, model_config: dict) -> MaZOConfig:
         if peft_config.target_modules is None:
@@ -275,4 +285,15 @@ class MaZOModel(BaseTuner):
             reset=reset,
             damping=damping,
             max_stats_bytes=max_stats_bytes,
+        )
+
+
+def _refuse_existing_adapter(model: nn.Module, adapter_name: str) -> None:
+    """`ValueError` when `model` already holds a MaZO adapter named `adapter_name` (checked on its layers)."""
+    existing = adapter_layers(model, adapter_name)
+    if existing:
+        raise ValueError(
+            f"Adapter with name '{adapter_name}' already exists: {len(existing)} MaZO layer(s) of this model hold it "
+            f"(e.g. '{next(iter(existing))}'). Adding it again would overwrite its delta and mask; choose another "
+            f"adapter_name, or delete_adapter('{adapter_name}') first."
         )
