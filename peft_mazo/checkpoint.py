@@ -164,9 +164,8 @@ def check_saved_module(
     """Raise `ValueError` unless one module's saved tensors fit `spec`: dense or LoRA, a mask only where there is
     one, then `check_saved_layer` (shape record, k, the mask), the LoRA rank, and every needed tensor present.
 
-    Args:
-        against (`str`): what `spec` comes from, as the subject of "says r = 4", e.g. "its adapter_config.json".
-        (the others as in `check_saved_layer`)
+    `spec` replaces `check_saved_layer`'s `weight_shape` and `k`; `against` names where `spec` comes from, as the
+    subject of "says r = 4" (e.g. "its adapter_config.json"); the other arguments are `check_saved_layer`'s.
     """
     fix_config = fixes[1]
     out_features, in_features = spec.shape
