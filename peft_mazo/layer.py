@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from . import kernels
 from . import mask as mask_ops
 from .backends import dispatch_backend
+from .checkpoint import BUFFER_KINDS, LayerSpec, check_saved_layer
 from .config import MaZOConfig
 from .quantized import keep_standard_4bit_layout
 from .scorers import get_scorer
@@ -250,6 +250,19 @@ class MaZOLayer(BaseTunerLayer):
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
 
+    def saved_spec(self, adapter_name: str) -> LayerSpec:
+        """What a saved `adapter_name` of this layer holds: the weight shape, k, the LoRA rank (0: dense), a mask."""
+        r = self.mazo_A[adapter_name].shape[0] if adapter_name in self.mazo_A else 0
+        return LayerSpec(
+            (self.out_features, self.in_features), self.mazo_k[adapter_name], r, self.is_masked(adapter_name)
+        )
+
+    def saved_buffers(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The buffers `adapter_name` saves, by kind: its mask (`mazo_columns` or `mazo_bits`) and `mazo_shape`."""
+        return {
+            kind: getattr(self, kind)[adapter_name] for kind in BUFFER_KINDS if adapter_name in getattr(self, kind)
+        }
+
     def _check_loaded_adapter(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Before loading: refuse a checkpoint made for another weight shape, another k, or with a broken mask."""
         module = prefix.rstrip(".") or "<root>"
@@ -272,64 +285,6 @@ class MaZOLayer(BaseTunerLayer):
                 ),
                 mask_name=f"mask of '{module}' (adapter '{adapter_name}')",
             )
-
-
-def check_saved_layer(
-    where: str,
-    name: str,
-    shapes: dict[str, tuple[int, ...]],
-    tensor_of: Callable[[str], torch.Tensor],
-    weight_shape: tuple[int, int],
-    k: int,
-    fixes: tuple[str, str, str],
-    mask_name: str,
-) -> None:
-    """Raise `ValueError` when one layer's saved adapter tensors do not fit the layer: the saved weight shape, the
-    kept entries per row against `k`, the packed mask's shape, and the mask's k-per-row invariant. Used on a state
-    dict being loaded (`MaZOLayer._check_loaded_adapter`) and on a safetensors file before any layer is built
-    (`model.py`).
-
-    Args:
-        where (`str`), name (`str`): the adapter and the module checked, for the messages.
-        shapes (`dict`): the saved tensors' shapes by kind ("mazo_shape", "mazo_values", "mazo_columns", ...).
-        tensor_of (`Callable`): the saved tensor of a kind (read only for the shape record and the masks).
-        weight_shape (`tuple`): the layer's (out, in).
-        k (`int`): the kept entries per row that the adapter's config gives.
-        fixes (`tuple`): the fix to name for a layer of other sizes, for a config that does not match the weights,
-            and for a broken mask ("" adds nothing to the mask check's own message).
-        mask_name (`str`): how the mask is named in its errors.
-    """
-    fix_base, fix_config, fix_mask = fixes
-    out_features, in_features = weight_shape
-    if "mazo_shape" in shapes:
-        saved = tuple(int(v) for v in tensor_of("mazo_shape").tolist())
-        if saved != weight_shape:
-            raise ValueError(
-                f"{where}: '{name}' was saved for a weight of shape (out, in) = {saved}, but this base model's layer "
-                f"has shape {weight_shape}: a model of other sizes. {fix_base}"
-            )
-    for kind in ("mazo_values", "mazo_columns"):
-        if kind in shapes and shapes[kind] != (out_features, k):
-            raise ValueError(
-                f"{where} was saved with {shapes[kind][-1]} kept entries per row in '{name}', but its "
-                f"adapter_config.json (its sparsity and scorer) gives k = {k}. {fix_config}"
-            )
-    packed = (out_features, math.ceil(in_features / 8))
-    if "mazo_bits" in shapes and shapes["mazo_bits"] != packed:
-        raise ValueError(
-            f"{where} holds a packed mask of shape {shapes['mazo_bits']} for '{name}', but the layer's shape "
-            f"{weight_shape} needs {packed}. {fix_base}"
-        )
-    try:
-        if "mazo_columns" in shapes:
-            mask_ops.check_columns(tensor_of("mazo_columns"), in_features, name=mask_name)
-        if "mazo_bits" in shapes:
-            bits = tensor_of("mazo_bits")
-            mask_ops.check_row_counts(mask_ops.unpack_bits(bits, in_features), k, name=mask_name)
-    except ValueError as error:
-        if not fix_mask:
-            raise
-        raise ValueError(f"{error} {fix_mask}") from None
 
 
 class Linear(nn.Module, MaZOLayer):
@@ -430,3 +385,19 @@ def resolve_adapter(tuner: BaseTuner, adapter_name: Optional[str]) -> str:
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"No MaZO adapter named '{adapter_name}'; existing: {sorted(tuner.peft_config)}.")
     return adapter_name
+
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # not in state-dict keys
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, MaZOLayer]:
+    """The MaZO layers of `model` that hold adapter `adapter_name`, by their names in `model.state_dict()` (found by
+    visiting the layers, not by matching names; FSDP and activation-checkpointing wrappers left out of the names, as
+    `state_dict()` leaves them out)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MaZOLayer) and adapter_name in module.mazo_k:
+            for segment in _WRAPPER_SEGMENTS:
+                name = name.replace(segment, "")
+            layers[name] = module
+    return layers

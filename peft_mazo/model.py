@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._inputs import install_input_check, remove_input_check
+from .checkpoint import check_adapter_state, check_saved_adapter
 from .config import MaZOConfig
-from .layer import MIXED_BATCH_ERROR, Linear, MaZOLayer, check_saved_layer, mazo_layers, resolve_adapter
+from .layer import (
+    MIXED_BATCH_ERROR,
+    Linear,
+    MaZOLayer,
+    adapter_layers,
+    mazo_layers,
+    resolve_adapter,
+)
 from .quantized import quantization_kind
-from .scorers import get_scorer
 
 
 class MaZOModel(BaseTuner):
@@ -37,6 +44,20 @@ class MaZOModel(BaseTuner):
     tuner_layer_cls = MaZOLayer
     target_module_mapping: dict = {}
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        _refuse_existing_adapter(model, adapter_name)  # before peft records the new config under that name
+        super().__init__(model, peft_config, adapter_name, *args, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's `inject_adapter`, refused (`ValueError`, the model unchanged) when `model` already holds a MaZO
+        adapter of that name (wrapping its layers again would overwrite that adapter's delta and mask); then a check of
+        the token inputs of every forward of the base model (`_inputs.install_input_check`: no `input_ids`,
+        non-integer ids, or, for CPU tensors, ids outside the vocabulary raise a `ValueError` naming the fix instead
+        of failing inside the embedding)."""
+        _refuse_existing_adapter(model, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        install_input_check(model)
+
     def _prepare_adapter_config(self, peft_config: MaZOConfig, model_config: dict) -> MaZOConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = "all-linear"
@@ -45,7 +66,7 @@ class MaZOModel(BaseTuner):
     def _prepare_model(self, peft_config: MaZOConfig, model: nn.Module) -> None:
         """Check every targeted module (and, when loading, the saved weights) before any is replaced, so that a bad
         config or an adapter saved for another base model leaves the model untouched."""
-        _check_saved_adapter(peft_config, model)
+        check_saved_adapter(peft_config, model)
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             return
         adapted = [key + "." for key, module in model.named_modules() if isinstance(module, MaZOLayer)]
@@ -132,6 +153,42 @@ class MaZOModel(BaseTuner):
         )
 
     # ----------------------------------------------------------------------------------------------------------------
+    # saving and loading (peft's hooks, called by get_peft_model_state_dict / set_peft_model_state_dict)
+    # ----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's entries of `state_dict` as peft selects them (everything on the MaZO layers: the delta, the
+        mask, the shape record; `peft_mazo.checkpoint` has the layout), and the mask and shape record of every layer
+        from the layer itself where `state_dict` lacks them (a state dict of parameters only): a saved adapter
+        always holds its mask. Keys still carry the adapter name; peft removes it."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, layer in adapter_layers(model, adapter_name).items():
+            for kind, buffer in layer.saved_buffers(adapter_name).items():
+                selected.setdefault(f"{name}.{kind}.{adapter_name}", buffer.detach())
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """peft's key mapping (saved keys to the model's, adapter name inserted), then the whole checkpoint checked
+        against the adapter before anything is written (`peft_mazo.checkpoint.check_adapter_state`): every layer gets
+        a delta and mask of the right kind and shapes, with a valid mask. So `load_adapter` under the name of an
+        existing adapter that the saved one does not fit fails at once, naming the name clash, and leaves the model
+        as it was."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        specs = {name: layer.saved_spec(adapter_name) for name, layer in adapter_layers(model, adapter_name).items()}
+        check_adapter_state(remapped, adapter_name, specs)
+        return remapped
+
+    # ----------------------------------------------------------------------------------------------------------------
     # masks
     # ----------------------------------------------------------------------------------------------------------------
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -154,13 +211,6 @@ class MaZOModel(BaseTuner):
                     container[adapter_name] = nn.Parameter(
                         old.detach().to(weight.dtype), requires_grad=old.requires_grad
                     )
-
-    def inject_adapter(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
-        """peft's injection, then a check of the token inputs of every forward of the base model
-        (`_inputs.install_input_check`: no `input_ids`, non-integer ids, or, for CPU tensors, ids outside the vocabulary
-        raise a `ValueError` naming the fix instead of failing inside the embedding)."""
-        super().inject_adapter(model, *args, **kwargs)
-        install_input_check(model)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """peft's unload (with or without merging); the base model it returns no longer has the input check."""
@@ -281,115 +331,12 @@ class MaZOModel(BaseTuner):
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# loading: the saved weights against the base model, before anything is replaced
-# ----------------------------------------------------------------------------------------------------------------------
-_SAVED_PREFIX = "base_model.model."
-
-
-def _check_saved_adapter(config: MaZOConfig, model: nn.Module) -> None:
-    """Raise `ValueError` when the adapter being loaded (`config._mazo_source_dir`, set by
-    `MaZOConfig.from_pretrained`) does not fit `model` or its own `adapter_config.json`.
-
-    Checked from the safetensors file before any layer is replaced: module names (another architecture), weight shapes
-    (a model of other sizes), the rank and the kept entries per row against the config (an edited config), and the
-    mask's k-entries-per-row invariant (an edited mask). Only tensor headers are read, plus the masks one at a time.
-    """
-    source = getattr(config, "_mazo_source_dir", None)
-    path = Path(source) / "adapter_model.safetensors" if source else None
-    if path is None or not path.is_file():
-        return
-    from safetensors import safe_open
-
-    where = f"The MaZO adapter in {source}"
-    fix_base = "Load it onto the base model it was trained on"
-    if config.base_model_name_or_path:
-        fix_base += f" ({config.base_model_name_or_path})"
-    fix_config = "Use the adapter_config.json saved with these weights (or save the adapter again)."
-    fix_mask = (
-        "The mask file was edited or damaged: restore the adapter from its original save, or recompute the mask "
-        "(compute_importance) and save it again."
-    )
-    modules = dict(model.named_modules())
-    try:
-        handle_context = safe_open(str(path), framework="pt")
-    except Exception as error:  # safetensors' SafetensorError: a truncated or corrupted file
+def _refuse_existing_adapter(model: nn.Module, adapter_name: str) -> None:
+    """`ValueError` when `model` already holds a MaZO adapter named `adapter_name` (checked on its layers)."""
+    existing = adapter_layers(model, adapter_name)
+    if existing:
         raise ValueError(
-            f"Cannot read {path}: {error}. The adapter file is damaged or incomplete (an interrupted copy or save?): "
-            "copy it again or save the adapter again."
-        ) from None
-    with handle_context as handle:
-        saved: dict[str, dict[str, str]] = {}
-        for key in handle.keys():
-            name, _, kind = key.rpartition(".")
-            if kind.startswith("mazo_"):
-                saved.setdefault(name.removeprefix(_SAVED_PREFIX), {})[kind] = key
-        missing = sorted(name for name in saved if name not in modules)
-        if missing:
-            raise ValueError(
-                f"{where} has weights for {len(missing)} module(s) that this {type(model).__name__} does not have "
-                f"(e.g. '{missing[0]}'): it was saved for a model of another architecture or depth. {fix_base}."
-            )
-        targeted = [
-            n
-            for n, m in modules.items()
-            if isinstance(m, (nn.Linear, BaseTunerLayer)) and n not in saved and check_target_module_exists(config, n)
-        ]
-        if targeted and saved:
-            raise ValueError(
-                f"{where} has no weights for {len(targeted)} layer(s) that its adapter_config.json targets (e.g. "
-                f"'{targeted[0]}'): loading it would leave their delta at zero. The file is incomplete; save the "
-                "adapter again."
-            )
-        masked = get_scorer(config.scorer).masked
-        needed = (("mazo_values",) if config.r == 0 else ("mazo_A", "mazo_B")) + (
-            (("mazo_columns",) if config.r == 0 else ("mazo_bits",)) if masked else ()
+            f"Adapter with name '{adapter_name}' already exists: {len(existing)} MaZO layer(s) of this model hold it "
+            f"(e.g. '{next(iter(existing))}'). Adding it again would overwrite its delta and mask; choose another "
+            f"adapter_name, or delete_adapter('{adapter_name}') first."
         )
-        for name in [n for n in modules if n in saved]:  # in the model's order
-            kinds = saved[name]
-            module = modules[name]
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise ValueError(
-                    f"{where} adapts '{name}' as a linear layer, but this model's '{name}' is a "
-                    f"{type(base).__name__}: the adapter was saved for another architecture. {fix_base}."
-                )
-            out_features, in_features = base.out_features, base.in_features
-            k = config.kept_per_row(in_features)
-            shapes = {kind: tuple(handle.get_slice(key).get_shape()) for kind, key in kinds.items()}
-            check_saved_layer(
-                where,
-                name,
-                shapes,
-                lambda kind, kinds=kinds: handle.get_tensor(kinds[kind]),
-                (out_features, in_features),
-                k,
-                fixes=(f"{fix_base}.", fix_config, fix_mask),
-                mask_name=f"mask of '{name}' in {path}",
-            )
-            if config.r == 0 and ("mazo_A" in shapes or "mazo_B" in shapes):
-                raise ValueError(
-                    f"{where} holds LoRA weights (mazo_A, mazo_B) for '{name}', but its adapter_config.json says "
-                    f"r = 0 (dense). {fix_config}"
-                )
-            if config.r > 0 and "mazo_values" in shapes:
-                raise ValueError(
-                    f"{where} holds a dense delta (mazo_values) for '{name}', but its adapter_config.json says "
-                    f"r = {config.r} (LoRA). {fix_config}"
-                )
-            if "mazo_A" in shapes and shapes["mazo_A"] != (config.r, in_features):
-                raise ValueError(
-                    f"{where} was saved with LoRA rank r = {shapes['mazo_A'][0]} ('{name}'.mazo_A has shape "
-                    f"{shapes['mazo_A']}), but its adapter_config.json says r = {config.r}. {fix_config}"
-                )
-            if "mazo_B" in shapes and shapes["mazo_B"] != (out_features, config.r):
-                raise ValueError(
-                    f"{where} was saved with '{name}'.mazo_B of shape {shapes['mazo_B']}, but r = {config.r} and the "
-                    f"layer's out_features = {out_features} need {(out_features, config.r)}. {fix_config}"
-                )
-            absent = [kind for kind in needed if kind not in kinds]
-            if absent:
-                raise ValueError(
-                    f"{where} lacks {', '.join(absent)} of '{name}': loading it would leave that layer's delta or "
-                    "mask undefined. The file is incomplete; save the adapter again."
-                )

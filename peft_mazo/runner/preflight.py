@@ -227,8 +227,8 @@ def check_adapter_fits(config: RunConfig, adapter: str) -> None:
     from peft import PeftConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..checkpoint import check_saved_adapter
     from ..config import MaZOConfig
-    from ..model import _check_saved_adapter
     from ..models import resolve_model
 
     try:
@@ -248,7 +248,7 @@ def check_adapter_fits(config: RunConfig, adapter: str) -> None:
         logger.info("Could not check the adapter against the model before loading (%s).", error)
         return
     try:
-        _check_saved_adapter(adapter_config, skeleton)
+        check_saved_adapter(adapter_config, skeleton)
     except ValueError as error:
         raise RunError(f"--adapter {adapter} does not fit --model {config.model}: {error}") from None
 

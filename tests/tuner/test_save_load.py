@@ -1,16 +1,19 @@
-"""Registration with peft and save/load, across processes, with the mask included."""
+"""Registration with peft and save/load, across processes, with the mask included; the saved layout pinned."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from peft_mazo import MaZOConfig
+from peft_mazo import Linear, MaZOConfig
 from tests.helpers import ROOT, make_tiny_llama
 
 
@@ -150,3 +153,126 @@ def test_peft_config_from_pretrained_round_trips_fields(saved_dense_adapter):
     config = PeftConfig.from_pretrained(saved_dense_adapter)
     assert isinstance(config, MaZOConfig)
     assert (config.sparsity, config.r, config.scorer, config.delta_dtype) == (0.8, 0, "mazo", "float32")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the saved layout (peft_mazo/checkpoint.py), written here key by key without peft-mazo's code
+# ----------------------------------------------------------------------------------------------------------------------
+LAYOUT_TARGETS = ["q_proj", "down_proj"]
+LAYOUT_SPARSITY = 0.75
+
+
+def layout_config(r: int) -> dict:
+    """adapter_config.json as peft-mazo 0.1 writes it (every field, peft 0.21)."""
+    return {
+        "alpha": 10.0,
+        "alpha_pattern": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "beta": 1.0,
+        "bias": "none",
+        "delta_dtype": "float32",
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": None,
+        "init_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": float(2 * r) if r else None,
+        "lora_dropout": 0.0,
+        "mask_seed": 0,
+        "modules_to_save": None,
+        "peft_type": "MAZO",
+        "peft_version": "0.21.2",
+        "r": r,
+        "rank_pattern": None,
+        "revision": None,
+        "scorer": "magnitude",
+        "sparsity": LAYOUT_SPARSITY,
+        "target_modules": LAYOUT_TARGETS,
+        "task_type": None,
+    }
+
+
+def write_adapter_in_saved_layout(path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write an adapter in the layout every peft-mazo version so far saves (keys `base_model.model.<module>.<kind>`,
+    int16 kept columns, little-endian packed bits, an int64 shape record) and return {module: (mask, delta)}."""
+    generator = torch.Generator().manual_seed(7)
+    tensors, expected = {}, {}
+    for name, module in make_tiny_llama().named_modules():
+        if not name.endswith(tuple(LAYOUT_TARGETS)):
+            continue
+        out_features, in_features = module.weight.shape
+        k = math.ceil((1 - LAYOUT_SPARSITY) * in_features)
+        columns = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
+        mask = torch.zeros(out_features, in_features, dtype=torch.bool).scatter(1, columns, True)
+        key = f"base_model.model.{name}."
+        tensors[key + "mazo_shape"] = torch.tensor([out_features, in_features], dtype=torch.int64)
+        if r == 0:
+            values = torch.randn(out_features, k, generator=generator)
+            tensors[key + "mazo_values"] = values
+            tensors[key + "mazo_columns"] = columns.to(torch.int16)
+            delta = torch.zeros(out_features, in_features).scatter(1, columns, values)
+        else:
+            lora_a = torch.randn(r, in_features, generator=generator)
+            lora_b = torch.randn(out_features, r, generator=generator)
+            tensors[key + "mazo_A"], tensors[key + "mazo_B"] = lora_a, lora_b
+            packed = np.packbits(mask.numpy(), axis=1, bitorder="little")
+            tensors[key + "mazo_bits"] = torch.from_numpy(packed)
+            delta = 2.0 * (lora_b @ lora_a) * mask  # lora_alpha / r = 2
+        expected[name] = (mask, delta)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps(layout_config(r)))
+    return expected
+
+
+@pytest.mark.parametrize("r", [0, 4], ids=["dense", "lora"])
+def test_an_adapter_in_the_saved_layout_loads(tmp_path, r):
+    expected = write_adapter_in_saved_layout(tmp_path / "adapter", r)
+    model = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
+    masks = model.get_masks()
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, Linear)}
+    assert sorted(masks) == sorted(layers) == sorted(expected) and len(expected) == 4
+    for name, (mask, delta) in expected.items():
+        assert torch.equal(masks[name], mask)
+        torch.testing.assert_close(layers[name].get_delta_weight("default"), delta)
+        assert "default" not in layers[name].mazo_mask_pending
+
+
+@pytest.mark.parametrize("r", [0, 4], ids=["dense", "lora"])
+def test_saving_writes_the_saved_layout(tmp_path, r):
+    """What is saved is exactly what the layout test above writes: the same keys, dtypes and shapes."""
+    write_adapter_in_saved_layout(tmp_path / "hand", r)
+    written = load_file(tmp_path / "hand" / "adapter_model.safetensors")
+    config = MaZOConfig(sparsity=LAYOUT_SPARSITY, r=r, lora_alpha=2 * r or None, target_modules=LAYOUT_TARGETS)
+    get_peft_model(make_tiny_llama(), config).save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert {k: (t.dtype, t.shape) for k, t in saved.items()} == {k: (t.dtype, t.shape) for k, t in written.items()}
+
+
+def test_a_state_dict_without_buffers_still_saves_the_mask():
+    """peft's save hook takes the mask from the layers when the state dict passed in holds only parameters (as an
+    accelerator's gathered state dict may): the saved adapter loads with the same mask and delta."""
+    model = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.8, r=4, init_weights=False))
+    model.set_masks({n: m.flip(dims=[1]) for n, m in model.get_masks().items()}, reset=True)
+    saved = get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()))
+    assert sum(k.endswith(".mazo_bits") for k in saved) == 14
+    assert sum(k.endswith(".mazo_shape") for k in saved) == 14
+    again = get_peft_model(make_tiny_llama(), MaZOConfig(sparsity=0.8, r=4))
+    set_peft_model_state_dict(again, saved)
+    masks = model.get_masks()
+    assert all(torch.equal(m, masks[n]) for n, m in again.get_masks().items())
+
+
+def test_a_base_module_named_like_the_adapter_is_neither_trained_nor_saved():
+    """Trainable parameters and saved tensors are found by visiting the MaZO layers (peft's hooks), not by the
+    "mazo_" prefix of their names."""
+    base = make_tiny_llama()
+    base.model.mazo_probe = torch.nn.Linear(64, 4)  # a base module whose name starts with the method's prefix
+    model = get_peft_model(base, MaZOConfig(sparsity=0.8, target_modules=["q_proj"]))
+    assert not model.base_model.model.model.mazo_probe.weight.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mazo_values.default" in n for n in trainable)
+    assert not any("mazo_probe" in k for k in get_peft_model_state_dict(model))
