@@ -51,7 +51,7 @@ class PackedBatch:
         example_task (`torch.LongTensor` of shape `(E,)`): the task of each classification example.
         task_examples (`torch.FloatTensor` of shape `(T,)`): classification examples per task (0 for generation).
         generation_tokens (`torch.FloatTensor` of shape `(T,)`): scored tokens of generation tasks (0 otherwise).
-        is_generation (`torch.BoolTensor` of shape `(T,)`).
+        is_generation (`torch.BoolTensor` of shape `(T,)`): whether each task is a generation task.
         num_tokens (`int`): real tokens (without the row padding).
     """
 
