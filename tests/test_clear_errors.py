@@ -275,3 +275,19 @@ def test_the_input_check_covers_every_wrapper_and_leaves_with_the_adapter(task_t
     assert len(base._forward_pre_hooks) == hooks + 1  # one check, however many adapters
     unloaded = model.unload()
     assert len(unloaded._forward_pre_hooks) == hooks  # the plain model is handed back as it was
+
+
+def test_training_examples_longer_than_max_length_are_named_in_a_warning():
+    from peft_mazo.runner.job import warn_truncated
+    from peft_mazo.tasks.example import Example
+
+    tokenizer = make_tiny_tokenizer(pad=True)  # one token per character, "<s>" in front
+    short = Example(task="sst2", prompt="ok It was", candidates=(" terrible", " great"), label=1)
+    long = Example(task="sst2", prompt="a rather long review. It was", candidates=(" terrible", " great"), label=0)
+    longest = 1 + len(long.prompt) + len(" terrible")
+    with pytest.warns(UserWarning, match=rf"'sst2': 1 of 2 training examples .*--max-length {longest - 1} .*"
+                      rf"needs {longest}\)\. Pass --max-length {longest}"):  # fmt: skip
+        assert warn_truncated(tokenizer, {"sst2": [short, long]}, longest - 1) == {"sst2": (1, longest)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_truncated(tokenizer, {"sst2": [short, long]}, longest) == {}

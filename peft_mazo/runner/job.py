@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 from .._atomic import write_text_atomically
 from ..models import load_model_and_tokenizer
+from ..tasks.encoding import full_lengths
 from . import ranks
 from .checkpoint import checkpoint_error
 from .config import RunConfig, RunError
@@ -166,6 +168,8 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
     model, tokenizer = load_model_and_tokenizer(
         config.model, device=config.device, dtype=config.dtype, load_in_4bit=config.load_in_4bit
     )
+    if method.trains:
+        warn_truncated(tokenizer, {t: splits[t].train for t in tasks}, config.max_length)
 
     def evaluate(m, split: str = config.split) -> dict[str, Any]:
         examples = {t: splits[t].test if split == "test" else splits[t].val for t in tasks}
@@ -194,6 +198,24 @@ def _run_group(config, method, tasks, splits, out: Path, on_step: Optional[StepC
         results["selection"] = selection
         results["validation"] = results["after"] if config.split == "validation" else evaluate(model, "validation")
     return results
+
+
+def warn_truncated(tokenizer, examples: dict[str, Any], max_length: int) -> dict[str, tuple[int, int]]:
+    """Warn, per task, when training examples are longer than `--max-length` (their prompts are cut from the left, see
+    `tasks.encoding`), naming the length that keeps them all whole. Returns `{task: (cut, longest)}` for those tasks."""
+    cut_tasks = {}
+    for task, task_examples in examples.items():
+        lengths = full_lengths(tokenizer, task_examples)
+        cut = sum(length > max_length for length in lengths)
+        if cut:
+            cut_tasks[task] = (cut, max(lengths))
+            warnings.warn(
+                f"Task '{task}': {cut} of {len(lengths)} training examples are longer than --max-length {max_length} "
+                f"tokens; their prompts are cut from the left (the longest needs {max(lengths)}). Pass --max-length "
+                f"{max(lengths)} to keep every one whole.",
+                stacklevel=2,
+            )
+    return cut_tasks
 
 
 @ranks.launched

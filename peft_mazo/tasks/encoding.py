@@ -146,6 +146,17 @@ def minimum_length(task: str, tokenizer: Any) -> int:
     return max(len(context) + len(continuation) for context, continuation in pairs)
 
 
+def full_lengths(tokenizer: Any, examples: Sequence[Example]) -> list[int]:
+    """Untruncated token length of each example: its prompt with its longest candidate (or its target), special
+    tokens included, i.e. the `max_length` that keeps the example whole."""
+    lengths = []
+    for ex in examples:
+        continuations = [ex.target] if ex.is_generation else list(ex.candidates)
+        pairs = encode_continuations(tokenizer, [ex.prompt] * len(continuations), continuations, None)
+        lengths.append(max(len(ctx) + len(cont) for ctx, cont in pairs))
+    return lengths
+
+
 def encode_contexts(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
     """Token ids of the prompts alone (leading special tokens + prompt, truncated from the left to `max_length`)."""
     if not prompts:
