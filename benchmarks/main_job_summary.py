@@ -1,10 +1,10 @@
 """Summarise `mazo train` runs of the README's main job (e.g. one per commit) into one JSON: per run the median
 ZO-step time from `losses.jsonl`, the wall time and scores from `results.json`, with the machine and versions.
 
-    mazo train --model smollm2-135m --tasks sst2,copa,rte --method mazo-lora --steps 30 --lr 1e-3 --batch-size 4 \\
-        --n-train 200 --n-val 16 --n-test 64 --max-length 256 --data-dir ../shared/data --out /tmp/main_after
-    python benchmarks/main_job_summary.py --run before=/tmp/main_before@3125649 --run after=/tmp/main_after@HEAD \\
-        --out benchmarks/results/main_job_cpu.json
+    mazo train --model smollm2-135m --tasks sst2 --method mtl-zo --steps 200 --lr 1e-5 --eps 1e-2 --batch-size 4 \\
+        --n-train 200 --n-val 32 --n-test 200 --max-length 256 --eval-every 50 --data-dir ../shared/data --out runs/main
+    python benchmarks/main_job_summary.py --run sst2=runs/main@$(git rev-parse --short HEAD) \\
+        --out benchmarks/results/main_job_sst2_cpu.json
 """
 
 from __future__ import annotations
@@ -40,20 +40,32 @@ def summarize(directory: Path) -> dict:
         "average_before": results["average_before"],
         "average_after": results["average_after"],
         "scores_after": {t: v["score"] for t, v in results["after"].items()},
+        "test_examples": {t: v.get("n") for t, v in results["after"].items()},
+        "validation_loss": validation_losses(directory),
         "config": results["config"],
     }
+
+
+def validation_losses(directory: Path) -> dict[int, float]:
+    """`{step: mean validation loss}` of a run made with `--eval-every` (empty without)."""
+    path = directory / "validation.jsonl"
+    if not path.exists():
+        return {}
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR@COMMIT (repeat)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--note", default="", help="how the machine was used (e.g. shared with other work)")
     args = parser.parse_args()
     report = {
         "benchmark": "main_job",
         "device": f"cpu: {cpu_name()}",
         "cpu_cores_available": len(os.sched_getaffinity(0)),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "note": args.note,
         "runs": {},
     }
     for spec in args.run:

@@ -149,3 +149,43 @@ def test_the_first_example_runs_on_its_own(page, tmp_path, monkeypatch):
 def test_readme_and_index_open_with_the_same_example():
     readme, index = (code_blocks(p.read_text())[0][1] for p in (ROOT / "README.md", ROOT / "docs" / "index.md"))
     assert readme == index
+
+
+def shell_commands(text: str) -> list[str]:
+    """The `mazo train` / `mazo eval` commands of a page's bash blocks, continuation lines joined."""
+    commands = []
+    for match in FENCE.finditer(text):
+        if match.group("info").strip().split(" ", 1)[0].lower() not in ("bash", "sh", "console", "shell"):
+            continue
+        body = re.sub(r"\\\n\s*", " ", match.group("body"))
+        for line in body.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            found = re.match(r"^(?:[A-Z_]+=\S+\s+)*mazo (train|eval)( .*)?$", line)
+            if found:
+                commands.append(found.group(0)[found.group(0).index("mazo ") + 5 :])
+    return commands
+
+
+def test_every_documented_mazo_command_parses():
+    """Each `mazo train` / `mazo eval` command in README.md and docs/ takes only flags the CLI has (placeholders such
+    as `<model dir>` or `DIR` are values, so they parse too; commands with shell variables or `...` are left out): a renamed
+    or removed flag fails here."""
+    import shlex
+
+    from peft_mazo.cli import _config, build_parser
+
+    parser = build_parser()
+    seen = 0
+    for page in PAGES:
+        for command in shell_commands(page.read_text()):
+            if "$" in command or "..." in command:  # a shell variable, or an abbreviated command
+                continue
+            argv = shlex.split(command.replace("<", "").replace(">", ""))
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit:
+                pytest.fail(f"{page.relative_to(ROOT)}: `mazo {command}` does not parse")
+            if args.command == "train":
+                _config(args)  # the flags' values convert into a RunConfig
+            seen += 1
+    assert seen >= 3  # README's main job and its GPU variant at least
