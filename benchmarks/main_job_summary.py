@@ -72,6 +72,9 @@ def main() -> None:
         name, rest = spec.split("=", 1)
         directory, commit = rest.rsplit("@", 1)
         report["runs"][name] = {"git_commit": commit, **summarize(Path(directory))}
+    commits = {run["git_commit"] for run in report["runs"].values()}
+    if len(commits) == 1:
+        report["git_commit"] = commits.pop()  # the tree every run measured
     names = list(report["runs"])
     if len(names) == 2:
         first, second = (report["runs"][n]["step_seconds_median"] for n in names)

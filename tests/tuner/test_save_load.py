@@ -271,7 +271,7 @@ def test_a_base_module_named_like_the_adapter_is_neither_trained_nor_saved():
     "mazo_" prefix of their names."""
     base = make_tiny_llama()
     base.model.mazo_probe = torch.nn.Linear(64, 4)  # a base module whose name starts with the method's prefix
-    model = get_peft_model(base, MaZOConfig(sparsity=0.8, target_modules=["q_proj"]))
+    model = get_peft_model(base, MaZOConfig(sparsity=0.8, r=0, target_modules=["q_proj"]))  # the dense delta
     assert not model.base_model.model.model.mazo_probe.weight.requires_grad
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mazo_values.default" in n for n in trainable)
