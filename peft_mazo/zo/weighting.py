@@ -139,7 +139,9 @@ class FAMOWeighting(TaskWeighting):
         self.previous: Optional[torch.Tensor] = None
 
     def _shifted(self, losses_plus: torch.Tensor, losses_minus: torch.Tensor) -> torch.Tensor:
-        return ((losses_plus + losses_minus) / 2 - self.min_losses).clamp_min(0.0) + self.epsilon
+        """(T,) `L̃`, on the CPU in float64 (where the logits live), whatever device the losses come from."""
+        mean = ((losses_plus + losses_minus) / 2).detach().to("cpu", torch.float64)
+        return (mean - self.min_losses).clamp_min(0.0) + self.epsilon
 
     def weights(self, step: int, losses_plus: torch.Tensor, losses_minus: torch.Tensor) -> torch.Tensor:
         z = torch.softmax(self.logits.detach(), dim=0)
