@@ -81,6 +81,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    header = results_header("mask_overlap", torch.device("cpu"))  # before this script writes its own files
     torch.manual_seed(args.seed)
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     payload = {
-        **results_header("mask_overlap", torch.device("cpu")),
+        **header,
         "model": args.model,
         "settings": vars(args) | {"out": str(args.out), "data_dir": str(args.data_dir)},
         "multi_task_seconds": multi_seconds,
