@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+import gguf  # in the test extra (transformers GGUF loader needs it): this test runs in CI, never skips
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft_mazo import models
 from tests.helpers import make_tiny_llama
 
-
-gguf = pytest.importorskip("gguf", reason="the gguf package (transformers' GGUF loader needs it) is not installed")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's first three ids: unk/pad, bos, eos
 CHARS = ["Ġ"] + [chr(c) for c in range(33, 127)]  # byte-level spelling: "Ġ" is the space
