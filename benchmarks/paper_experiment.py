@@ -364,6 +364,14 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def commands_run(extra: dict[str, Any], log_text: str) -> list[str]:
+    """The `mazo` commands of a run: those this call started, else (a run collected from its directory, finished by
+    an earlier call) the `$ ...` lines that `start` wrote into the run's stdout.log, every attempt included."""
+    if "commands" in extra:
+        return [shlex.join(c) for c in extra["commands"]]
+    return [line[2:] for line in log_text.splitlines() if line.startswith("$ ")]
+
+
 def collect(args, job: Job, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Copy a finished run's small files into `--results/<id>/` and return its record (run.json)."""
     results_path = run_dir / "results.json"
@@ -401,7 +409,7 @@ def collect(args, job: Job, run_dir: Path, extra: dict[str, Any]) -> dict[str, A
         "wall_seconds": extra.get("wall_seconds", (results or {}).get("wall_seconds")),
         "returncode": extra.get("returncode", 0),
         "resumed": extra.get("resumed", False),
-        "commands": [shlex.join(c) for c in extra.get("commands", [])],
+        "commands": commands_run(extra, log_text),
         "command": args.command_line,
         **args.environment,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -188,3 +188,24 @@ def test_the_setting_with_the_best_validation_average_is_chosen_never_a_diverged
 )
 def test_status_of_a_run(results, code, log, status):
     assert pe.status_of(results, code, log) == status
+
+
+def test_a_run_collected_from_its_directory_records_the_commands_that_made_it(tmp_path):
+    """A later call finds a run finished by an earlier one in its run directory: its run.json still names the exact
+    `mazo` commands (from the `$ ...` lines of the run's stdout.log), not an empty list."""
+    args = pe.parse_args(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "runs")])
+    args.command_line, args.environment = "paper_experiment.py --phases grid", {"device": "cpu", "git_commit": "abc"}
+    job = pe.Job("mtl-zo_lr1e-05_eps0.01_seed0", "grid", "mtl-zo", ["sst2"], 0, 1e-5, 0.01)
+    run_dir = tmp_path / "runs" / job.id
+    run_dir.mkdir(parents=True)
+    first = "python -m peft_mazo.cli train --method mtl-zo --steps 8"
+    again = first + " --resume"
+    (run_dir / "stdout.log").write_text(f"$ {first}\nstep 1\n$ {again}\ndone\n")
+    results = {"average_after": 51.0, "average_validation": 50.0, "selected_step": 8, "wall_seconds": 12.5}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    record = pe.collect(args, job, run_dir, {"resumed": False})
+    assert record["commands"] == [first, again] and record["wall_seconds"] == 12.5
+    saved = json.loads((tmp_path / "results" / job.id / "run.json").read_text())
+    assert saved["commands"] == [first, again] and saved["status"] == "ok"
+    started = pe.collect(args, job, run_dir, {"commands": [["mazo", "train", "--lr", "1e-05"]], "wall_seconds": 3.0})
+    assert started["commands"] == ["mazo train --lr 1e-05"] and started["wall_seconds"] == 3.0
