@@ -90,6 +90,7 @@ def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     drop_gguf_quantization_config(model.config)  # the weights are plain float tensors now
+    match_special_tokens(tokenizer, model.config)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def write(staging: Path) -> None:
@@ -100,6 +101,20 @@ def smollm2_dir(cache_dir: Optional[Path] = None) -> Path:
 
     save_dir_atomically(target, write)
     return target
+
+
+def match_special_tokens(tokenizer: Any, model_config: Any) -> None:
+    """Set the tokenizer's bos / eos tokens to the ids the model config holds (read from the GGUF metadata).
+
+    transformers' GGUF tokenizer conversion of some releases (5.10) swaps them for a BPE vocabulary: SmolLM2's eos
+    then reads `<|im_start|>` instead of `<|im_end|>`. The config's ids are the file's own, in every release.
+    """
+    for kind in ("bos", "eos"):
+        token_id = getattr(model_config, f"{kind}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if getattr(tokenizer, f"{kind}_token", None) != token:
+                setattr(tokenizer, f"{kind}_token", token)
 
 
 def resolve_model(name_or_path: str) -> str:
