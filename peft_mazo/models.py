@@ -50,12 +50,16 @@ def cache_problem(path: Path) -> Optional[str]:
     missing = [name for name in SMOLLM2_CACHE_FILES if not (path / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
+    parsed = {}
     for name in SMOLLM2_CACHE_FILES:
         if name.endswith(".json"):
             try:
-                json.loads((path / name).read_text(encoding="utf-8"))
+                parsed[name] = json.loads((path / name).read_text(encoding="utf-8"))
             except (OSError, ValueError) as error:
                 return f"{name} unreadable ({error})"
+    eos = eos_mismatch(parsed)
+    if eos is not None:
+        return eos
     from safetensors import safe_open
 
     try:
@@ -64,6 +68,18 @@ def cache_problem(path: Path) -> Optional[str]:
                 return "model.safetensors holds no tensor"
     except Exception as error:  # safetensors' SafetensorError: a truncated or corrupted file
         return f"model.safetensors unreadable ({error})"
+    return None
+
+
+def eos_mismatch(parsed: dict[str, Any]) -> Optional[str]:
+    """Why the cached tokenizer's eos token is not the model's (`eos_token_id` of config.json), or None: a copy made
+    with a transformers whose GGUF conversion swapped bos and eos (see `match_special_tokens`)."""
+    eos_id = parsed.get("config.json", {}).get("eos_token_id")
+    eos = parsed.get("tokenizer_config.json", {}).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    ids = {t.get("content"): t.get("id") for t in parsed.get("tokenizer.json", {}).get("added_tokens", [])}
+    if isinstance(eos_id, int) and eos in ids and ids[eos] != eos_id:
+        return f"the tokenizer's eos token {eos!r} is id {ids[eos]}, the model's eos_token_id is {eos_id}"
     return None
 
 

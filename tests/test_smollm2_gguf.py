@@ -11,6 +11,7 @@ SmolLM2's), query/key rows in GGUF's rotary order, one matrix per layer quantize
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import gguf  # in the test extra (transformers GGUF loader needs it): this test runs in CI, never skips
@@ -175,6 +176,7 @@ def test_a_second_call_reuses_the_cache_without_the_gguf_file(tiny_smollm2):
         ("drop_tokenizer", "tokenizer.json missing"),
         ("garble_config", "config.json unreadable"),
         ("interrupted", "config.json, model.safetensors, tokenizer.json, tokenizer_config.json missing"),
+        ("swapped_eos", "the tokenizer's eos token '<|im_start|>' is id 1, the model's eos_token_id is 2"),
     ],
 )
 def test_a_damaged_cache_is_converted_again_with_a_warning(tiny_smollm2, damage, reason):
@@ -187,11 +189,14 @@ def test_a_damaged_cache_is_converted_again_with_a_warning(tiny_smollm2, damage,
         (path / "tokenizer.json").unlink()
     elif damage == "garble_config":
         (path / "config.json").write_text('{"model_type": "llama",')
+    elif damage == "swapped_eos":  # as transformers 5.10's GGUF conversion left it
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps(settings | {"eos_token": "<|im_start|>"}))
     else:  # an empty directory, as a copy or a clean-up interrupted half-way may leave
         for item in path.iterdir():
             item.unlink()
     assert models.cache_problem(path).startswith(reason)
-    with pytest.warns(UserWarning, match=f"cached SmolLM2-135M copy in .* is damaged \\({reason}"):
+    with pytest.warns(UserWarning, match=f"cached SmolLM2-135M copy in .* is damaged \\({re.escape(reason)}"):
         assert models.smollm2_dir() == path
     assert models.cache_problem(path) is None
     state = AutoModelForCausalLM.from_pretrained(path).state_dict()
