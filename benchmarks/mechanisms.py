@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -127,13 +127,19 @@ def hvp_fn(loss_fn: LossFn, params: Sequence[torch.Tensor]) -> Callable[[torch.T
 
 
 def lanczos(
-    matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int, iters: int, seed: int = 0
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    k: int,
+    iters: int,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
 ) -> list[float]:
     """The k largest Ritz values (descending) of a symmetric operator after `iters` Lanczos steps with full
-    reorthogonalisation (float64); with iters = dim they are the exact top-k eigenvalues."""
+    reorthogonalisation (float64, the basis on `device`, the operator's); with iters = dim they are the exact top-k
+    eigenvalues. The start vector is drawn on the CPU (seed `seed`), so it is the same on every device."""
     iters = min(iters, dim)
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
     q /= q.norm()
     basis, alphas, betas = [q], [], []
     for j in range(iters):
@@ -168,8 +174,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASK_NAMES))
     parser.add_argument("--batch-size", type=int, default=2, help="training examples per task in the fixed batch")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--sparsity", type=float, default=0.8, help="ρ of the masked adapter")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank; 0: the dense masked delta (no Hessian)")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="ρ of the masked adapter (the paper: 0.9 dense)")
     parser.add_argument("--scorer", default="mazo", help="mask scorer of the masked adapter")
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--n-max", type=int, default=64)
@@ -179,12 +185,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lanczos-iters", type=int, default=20)
     parser.add_argument("--no-hessian", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mechanisms_<device>.json)")
-    parser.add_argument("--fig-dir", default=None, help="write mechanisms_cosine.png / mechanisms_hessian.png here")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/mechanisms[_dense]_<device>.json)"
+    )
+    parser.add_argument(
+        "--fig-dir", default=None, help="write mechanisms_cosine[_dense].png / mechanisms_hessian.png here"
+    )
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
+    if args.r == 0:
+        args.no_hessian = True  # the Hessian of the protocol is the LoRA tensors'
     if args.tiny:
-        args.batch_size, args.max_length, args.r, args.n_max, args.repeats = 1, 64, 2, 4, 2
+        args.batch_size, args.max_length, args.n_max, args.repeats = 1, 64, 4, 2
+        args.r = min(args.r, 2)
         args.hessian_k, args.lanczos_iters, args.calib_batches = 3, 4, 1
         args.tasks = args.tasks[:3]
     return args
@@ -210,13 +223,15 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
 def adapter(
     base: torch.nn.Module, args, masked: bool, tokenizer, train, init: Optional[dict] = None
 ) -> torch.nn.Module:
-    """A MaZO-LoRA adapter on a copy of `base` with the non-zero random A, B of `init_weights=False` (seed 0); the
-    masked one computes its mask (which zeroes the delta: `reset=True`), then takes the trainable values `init`."""
+    """A MaZO adapter on a copy of `base`. LoRA (r > 0): the non-zero random A, B of `init_weights=False` (seed 0);
+    the masked one computes its mask (which zeroes the delta: `reset=True`), then takes the trainable values `init`.
+    Dense (r = 0): both deltas start at zero, at the pretrained weights where training starts (the masked delta has
+    only the kept (out, k) values, so there are no common values to copy)."""
     config = MaZOConfig(
         r=args.r,
         sparsity=args.sparsity if masked else 0.0,
         scorer=args.scorer if masked else "none",
-        init_weights=False,
+        init_weights=args.r == 0,
     )
     torch.manual_seed(0)  # the same A, B in both adapters
     model = get_peft_model(copy.deepcopy(base), config).eval()
@@ -226,6 +241,7 @@ def adapter(
             examples_by_task=train, seed=1, max_length=args.max_length,
         )  # fmt: skip
         model.compute_importance(loaders, progress=False, reset=True)
+    if masked and args.r > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.requires_grad:
@@ -264,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 "calibration_batches_per_task": args.calib_batches,
             },
             "unmasked": {"scorer": "none", "sparsity": 0.0},
-            "init_weights": False,
+            "init_weights": args.r == 0,
             "eps": args.eps,
             "ns": ns,
             "repeats": args.repeats,
@@ -312,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         spectra = {}
         for name, fn in losses.items():
             t0 = time.perf_counter()
-            top = lanczos(hvp_fn(fn, params), dim, args.hessian_k, args.lanczos_iters, seed=0)
+            top = lanczos(hvp_fn(fn, params), dim, args.hessian_k, args.lanczos_iters, seed=0, device=device)
             spectra[name] = {"eigenvalues": top, "normalised": [v / top[0] for v in top]}
             print(f"hessian {name}: {[round(v, 4) for v in top]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         result["hessian"] = {
@@ -322,7 +338,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         }  # fmt: skip
     result["wall_s"] = time.perf_counter() - started
 
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"mechanisms_{device.type}.json"
+    default_name = f"mechanisms{'' if args.r else '_dense'}_{device.type}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
@@ -348,11 +365,13 @@ def figures(result: dict[str, Any], fig_dir: Path) -> None:
     ax.set_xlabel("directions n")
     ax.set_ylabel("cos(ZO estimate, backprop gradient)")
     s = result["shapes"]
-    ax.set_title(f"{s['model']}, LoRA r={result['settings']['lora_r']}, {len(s['tasks'])} tasks", fontsize=9)
+    r = result["settings"]["lora_r"]
+    mode = f"LoRA r={r}" if r else f"dense, ρ={result['settings']['masked']['sparsity']}"
+    ax.set_title(f"{s['model']}, {mode}, {len(s['tasks'])} tasks", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(fig_dir / "mechanisms_cosine.png", dpi=120)
+    fig.savefig(fig_dir / f"mechanisms_cosine{'' if r else '_dense'}.png", dpi=120)
     plt.close(fig)
     if "hessian" in result:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))

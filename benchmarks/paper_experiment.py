@@ -174,6 +174,9 @@ def plan(args, records: dict[str, dict]) -> list[tuple[Job, Optional[str]]]:
     chosen = {m: choose(args, m, records) for m in set(args.methods) | {"mtl-zo"}}
 
     def setting(method: str) -> tuple[Optional[float], Optional[float], Optional[str]]:
+        grid = grid_jobs(args, [method])
+        if len(grid) == 1:  # one setting: nothing to choose, so its seeds need not wait for the grid's run
+            return grid[0].lr, grid[0].eps, None
         pick = chosen[method]
         if not pick["complete"]:
             return None, None, f"waits for the {method} grid"

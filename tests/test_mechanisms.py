@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from peft_mazo import ZOSGD
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SHARED_DATA
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -74,3 +75,14 @@ def test_lanczos_on_hvps_gives_the_explicit_hessians_top_eigenvalues():
     top = mech.lanczos(mech.hvp_fn(loss, params), theta.numel(), k=3, iters=theta.numel(), seed=0)
     assert torch.allclose(torch.tensor(top, dtype=torch.float64), exact[:3], atol=1e-6), (top, exact[:3])
     assert abs(top[0] - exact[0]) < 1e-6
+
+
+def test_the_dense_mode_compares_the_kept_values_with_the_whole_delta_at_the_pretrained_weights(tmp_path):
+    if not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data")
+    result = mech.main(["--tiny", "--r", "0", "--sparsity", "0.5", "--data-dir", str(SHARED_DATA), "--out",
+                        str(tmp_path / "m.json")])  # fmt: skip
+    masked, unmasked = result["cosine"]["masked"], result["cosine"]["unmasked"]
+    assert masked["d"] * 2 == unmasked["d"]  # ρ = 0.5 keeps half of every row
+    assert masked["loss"] == unmasked["loss"]  # both deltas are zero: the same (pretrained) point
+    assert "hessian" not in result and result["settings"]["init_weights"] is True

@@ -172,6 +172,11 @@ def test_the_setting_with_the_best_validation_average_is_chosen_never_a_diverged
     assert not pe.choose(args, "mtl-zo-lora", records)["complete"]
     jobs = {job.id: why for job, why in pe.plan(pe.parse_args(["--phases", "seeds", "--methods", "mtl-zo-lora"]), {})}
     assert jobs == {f"mtl-zo-lora_chosen-setting_seed{s}": "waits for the mtl-zo-lora grid" for s in (1, 2)}
+    one_setting = pe.parse_args(
+        ["--phases", "grid,seeds", "--methods", "mtl-zo-lora", "--lr-lora", "3e-4", "--eps", "1e-3"]
+    )
+    jobs = {job.id: why for job, why in pe.plan(one_setting, {})}  # a grid of one: the seeds start at once
+    assert jobs == {f"mtl-zo-lora_lr0.0003_eps0.001_seed{s}": None for s in (0, 1, 2)}
 
 
 @pytest.mark.parametrize(
