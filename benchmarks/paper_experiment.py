@@ -815,55 +815,112 @@ def radar_figure(results_dir: Path, runs: dict[str, list[dict]], tasks: list[str
     return drawn
 
 
-def budget_section(budget_dir: Path, figures: Path) -> list[str]:
-    """The step-budget probe (`--budget-results`): long runs' validation loss against the step, and where it is lowest."""
-    records = load_records(budget_dir)
-    if not records:
-        return []
+def long_runs_table(runs_dir: Path, records: dict[str, dict], figure: Path) -> list[str]:
+    """Per run of `runs_dir`: where its validation loss is lowest (the selected checkpoint), its last value and that
+    checkpoint's validation / test averages (table rows); the validation curves go to `figure`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    rows = []
+    rows = [
+        "| run | steps | lowest at step | lowest validation loss | last validation loss | validation average | "
+        "test average |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run, record in sorted(records.items()):
-        validation = [r for r in read_jsonl(budget_dir / run / "validation.jsonl") if _finite(r.get("loss"))]
+        path = runs_dir / run / "validation.jsonl"
+        validation = [r for r in read_jsonl(path) if _finite(r.get("loss"))] if path.exists() else []
         if not validation:
             continue
         (line,) = ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-", ms=3, label=run)
         best = min(validation, key=lambda r: r["loss"])
         ax.plot([best["step"]], [best["loss"]], "*", ms=14, color=line.get_color())
-        results = load_results(budget_dir, record)
+        results = load_results(runs_dir, record)
         rows.append(
-            f"| `{run}` | {record['protocol'].get('steps')} | {best['step']} | {best['loss']:.4f} | "
-            f"{validation[-1]['loss']:.4f} | {results.get('average_validation', float('nan')):.1f} | "
-            f"{results.get('average_after', float('nan')):.1f} |"
+            f"| `{run}` | {validation[-1]['step']} of {record['protocol'].get('steps')} | {best['step']} | "
+            f"{best['loss']:.4f} | {validation[-1]['loss']:.4f} | "
+            f"{results.get('average_validation', float('nan')):.1f} | {results.get('average_after', float('nan')):.1f} |"
         )
     ax.set_xlabel("step (star: lowest validation loss, the selected checkpoint)")
     ax.set_ylabel("validation loss (mean over the tasks)")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(figures / "paper_budget.png", dpi=110)
+    fig.savefig(figure, dpi=110)
     plt.close(fig)
-    shown = budget_dir.relative_to(ROOT) if ROOT in budget_dir.resolve().parents else budget_dir
+    return rows
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if ROOT in path.resolve().parents else path
+
+
+def budget_section(budget_dir: Path, figures: Path) -> list[str]:
+    """The step-budget probe (`--budget-results`): long runs' validation loss against the step, and where it is lowest."""
+    records = load_records(budget_dir)
+    if not records:
+        return []
+    rows = long_runs_table(budget_dir, records, figures / "paper_budget.png")
     devices = sorted({r.get("device", "?") for r in records.values()})
     return [
         "### Step budget: long runs at the LoRA methods' default setting",
         "",
-        f"From `{shown}` ({len(records)} runs on {', '.join(devices)}, seed 0, no early stop): the validation loss "
-        "every `eval_every` steps, the step where it is lowest (the checkpoint the scores below come from), its last "
-        "value, and the validation / test averages of that checkpoint.",
+        f"From `{_shown(budget_dir)}` ({len(records)} runs on {', '.join(devices)}, seed 0, no early stop): the "
+        "validation loss every `eval_every` steps, the step where it is lowest (the checkpoint the scores below come "
+        "from), its last value, and the validation / test averages of that checkpoint.",
         "",
-        "| run | steps | lowest at step | lowest validation loss | last validation loss | validation average | "
-        "test average |",
-        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"![Validation loss over a long budget]({figures.name}/paper_budget.png)",
         "",
     ]
+
+
+def lora_2000_section(runs_dir: Path, figures: Path) -> list[str]:
+    """The LoRA pair at the budget the probe points to (`--lora-2000-results`): test scores over seeds, per-run
+    selection, validation curves, and the runs not made."""
+    records = load_records(runs_dir)
+    if not records:
+        return []
+    trained = [r for r in records.values() if r["method"] != "zero-shot"]
+    protocol = (trained or list(records.values()))[0].get("protocol", {})
+    by_setting: dict[tuple[str, str], list[str]] = {}
+    for record in sorted(trained, key=lambda r: TABLE1_ORDER.index(r["method"])):
+        methods = by_setting.setdefault((number(record["lr"]), number(record["eps"])), [])
+        methods += [record["method"]] if record["method"] not in methods else []
+    settings = "; ".join(f"{' and '.join(m)} at lr {lr}, eps {eps}" for (lr, eps), m in by_setting.items())
+    devices = sorted({r.get("device", "?") for r in records.values()})
+    commits = sorted({str(r.get("git_commit", "?"))[:7] for r in records.values()})
+    runs: dict[str, list[dict]] = {}
+    for record in records.values():
+        if record["status"] == "ok":
+            runs.setdefault(record["method"], []).append(record)
+    tasks = next(iter(records.values()))["tasks"]
+    lines = [
+        f"### The LoRA pair at {protocol.get('steps')} steps",
+        "",
+        f"From `{_shown(runs_dir)}` ({len(records)} runs on {', '.join(devices)}, commit {', '.join(commits)}): "
+        f"{settings} (one setting per method, no grid), up to {protocol.get('steps')} steps of "
+        f"{protocol.get('batch_size')} examples per task, validation loss every {protocol.get('eval_every')} steps on "
+        f"{protocol.get('n_val_eval') or 'all'} validation examples per task, patience "
+        f"{protocol.get('patience') or 'off'}; scores of the checkpoint with the lowest validation loss.",
+        "",
+        *score_table(runs_dir, runs, tasks, TABLE1_ORDER),
+        "",
+        *long_runs_table(runs_dir, records, figures / "paper_lora_2000.png"),
+        "",
+        f"![Validation loss of the LoRA pair at {protocol.get('steps')} steps]({figures.name}/paper_lora_2000.png)",
+        "",
+    ]
+    all_seeds = sorted({r["seed"] for r in trained})
+    for method in dict.fromkeys(r["method"] for r in trained):
+        missing = [s for s in all_seeds if s not in {r["seed"] for r in trained if r["method"] == method}]
+        if missing:
+            lines += [f"Not run yet: {method} with seed{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(map(str, missing))}.", ""]  # fmt: skip
+    return lines
 
 
 def report(args) -> str:
@@ -957,6 +1014,7 @@ def report(args) -> str:
             "",
         ]
     lines += budget_section(Path(args.budget_results), figures)
+    lines += lora_2000_section(Path(args.lora_2000_results), figures)
     ablation = {}
     for record in records.values():
         if record["phase"] == "ablation" and record["status"] == "ok":
@@ -1083,6 +1141,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-results", default=str(ROOT / "benchmarks" / "results" / "paper-budget"),
         help="results of the step-budget probe (long runs, another --results), shown in the report",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora-2000-results", default=str(ROOT / "benchmarks" / "results" / "paper-lora-2000"),
+        help="results of the LoRA pair at the probe's budget (seeds of one setting, another --results), in the report",
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.command_line = shlex.join(

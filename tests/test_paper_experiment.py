@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -127,7 +128,8 @@ def test_experiment_runs_skips_resumes_and_reports(tmp_path, monkeypatch, capsys
         f"# Title\n\nHand-written protocol.\n\n{pe.GENERATED_BEGIN}\nold\n{pe.GENERATED_END}\n\n## Notes\n"
     )
     report = ["--report", "--results", str(results), "--report-out", str(page)]
-    assert pe.main([*report, "--budget-results", str(tmp_path / "no-budget-probe")]) == 0
+    no_long_runs = ["--budget-results", str(tmp_path / "no-probe"), "--lora-2000-results", str(tmp_path / "none")]
+    assert pe.main([*report, *no_long_runs]) == 0
     text = page.read_text()
     assert text.startswith("# Title\n\nHand-written protocol.") and text.rstrip().endswith("## Notes")
     assert "\nold\n" not in text and text.count(pe.GENERATED_BEGIN) == 1
@@ -138,9 +140,10 @@ def test_experiment_runs_skips_resumes_and_reports(tmp_path, monkeypatch, capsys
     for figure in ("paper_radar.png", "paper_loss_curves.png", "paper_validation_tasks.png"):
         assert (page.parent / "img" / figure).read_bytes()[:4] == b"\x89PNG"
     assert "Step budget" not in text and not (page.parent / "img" / "paper_budget.png").exists()
+    assert "The LoRA pair at" not in text
 
     # the step-budget probe's section: here these results stand in for a probe's long runs
-    assert pe.main([*report, "--budget-results", str(results)]) == 0
+    assert pe.main([*report, "--budget-results", str(results), "--lora-2000-results", str(tmp_path / "none")]) == 0
     text = page.read_text()
     assert "### Step budget" in text and text.count(pe.GENERATED_BEGIN) == 1
     good = json.loads((results / resumed_id / "results.json").read_text())
@@ -148,8 +151,22 @@ def test_experiment_runs_skips_resumes_and_reports(tmp_path, monkeypatch, capsys
         (json.loads(line) for line in (results / resumed_id / "validation.jsonl").read_text().splitlines()),
         key=lambda r: r["loss"],
     )
-    assert f"| `{resumed_id}` | 2 | {lowest['step']} | {lowest['loss']:.4f} |" in text
+    assert f"| `{resumed_id}` | 2 of 2 | {lowest['step']} | {lowest['loss']:.4f} |" in text
     assert f"| {good['average_validation']:.1f} | {good['average_after']:.1f} |" in text
+
+    # the LoRA pair's seeds at a longer budget: the same results stand in; a seed only one method has is named
+    partial = tmp_path / "lora-long"
+    shutil.copytree(results / resumed_id, partial / resumed_id)
+    other = partial / resumed_id.replace("seed0", "seed1").replace("mazo-lora", "mtl-zo-lora")
+    shutil.copytree(results / f"mtl-zo-lora_lr{GOOD}_eps0.001_seed0", other)
+    record = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**record, "id": other.name, "seed": 1}))
+    assert pe.main([*report, "--budget-results", str(tmp_path / "no-probe"), "--lora-2000-results", str(partial)]) == 0
+    text = page.read_text()
+    assert "### The LoRA pair at 2 steps" in text and f"mtl-zo-lora and mazo-lora at lr {GOOD}, eps 0.001" in text
+    assert "| mtl-zo-lora | 1 |" in text
+    assert "| mazo-lora | 0 |" in text and "Not run yet: mazo-lora with seed 1." in text
+    assert (page.parent / "img" / "paper_lora_2000.png").read_bytes()[:4] == b"\x89PNG"
     assert (page.parent / "img" / "paper_budget.png").read_bytes()[:4] == b"\x89PNG"
 
 
