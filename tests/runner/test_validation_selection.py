@@ -57,6 +57,33 @@ def test_best_is_the_adapter_of_the_step_with_the_lowest_validation_loss(tiny_mo
     assert any(not torch.equal(best[k], last[k]) for k in best)
 
 
+def training_records(out):
+    # everything a step measured and did, not how long it took
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(out / "losses.jsonl")]
+
+
+@pytest.mark.parametrize("method, r", [("mazo-lora", 4), ("mtl-zo-lora", 4), ("mazo", None), ("mtl-zo", None)])
+def test_the_training_trajectory_does_not_depend_on_how_often_it_is_evaluated(tiny_model_dir, tmp_path, method, r):
+    # same seed and settings, evaluated never / every 2 steps on 2 examples / every step with --patience: the same
+    # batches, the same z, the same losses at every step (an evaluation may only end the run earlier)
+    common = dict(method=method, r=r, steps=6, n_val=6, lr=1.0 if r else 1e-2, seed=1, evaluate_before=False)
+    runs = {
+        "never": dict(eval_every=0),
+        "every 2": dict(eval_every=2, n_val_eval=2),
+        "every step, patience": dict(eval_every=1, n_val_eval=4, patience=1),
+    }
+    records = {}
+    for name, overrides in runs.items():
+        run(small_config(tiny_model_dir, tmp_path / name, **common, **overrides))
+        records[name] = training_records(tmp_path / name)
+    plain = records["never"]
+    assert len(plain) == 6 and len({r["loss"] for r in plain}) > 1  # it trains
+    assert records["every 2"] == plain
+    assert records["every step, patience"] == plain[: len(records["every step, patience"])]
+    same = tensors(tmp_path / "never" / "adapter"), tensors(tmp_path / "every 2" / "adapter")
+    assert same[0].keys() == same[1].keys() and all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+
+
 def test_best_adapter_reloaded_gives_the_logged_loss_and_results_score_it(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
