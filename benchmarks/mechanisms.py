@@ -5,12 +5,15 @@
     without one (scorer "none"): ĝ_n = (1/n) Σ_i (L(θ+εz_i) − L(θ−εz_i)) / (2ε) · z_i, with z_i the directions that
     `ZOSGD` draws (`ZOSGD.perturbation_direction(step)`, seed = repetition, step = i), cos(ĝ_n, g) for
     n = 1, 2, 4, …, n_max, mean ± std over repetitions. In LoRA mode A and B are perturbed in both cases (the mask is
-    applied to their product), so both have the same dimension d; the mask changes the function, not d.
+    applied to their product), so both have the same dimension d; the mask changes the function, not d. With
+    `--r 0` (the dense mode) the masked delta holds only its kept values, so its d is (1 − ρ) times the unmasked
+    one; both deltas start at zero (the pretrained weights), and (b) is skipped.
 (b) Top-k eigenvalues (Lanczos with full reorthogonalisation on Hessian-vector products by double backward) of the
     Hessian of the multi-task loss and of each single-task loss w.r.t. the LoRA tensors of the masked adapter,
     normalised by the largest.
 
     python benchmarks/mechanisms.py --model smollm2-135m --data-dir ../shared/data
+    python benchmarks/mechanisms.py --model smollm2-135m --data-dir ../shared/data --r 0 --sparsity 0.9  # dense
     python benchmarks/mechanisms.py --tiny --device cpu --data-dir ../shared/data --out /tmp/m.json  # smoke run
 """
 
