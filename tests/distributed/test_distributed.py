@@ -22,55 +22,31 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 
 from peft_mazo import ZOSGD, MaZOConfig, compute_importance
 from peft_mazo import distributed as zo_dist
+from tests.distributed.common import (
+    FULL_BATCH_TOLERANCE,
+    WORLD,
+    float64_llama,
+    half,
+    lm_loss,
+    step_batch,
+    summed_cross_entropy,
+)
 from tests.helpers import bitwise_equal, make_tiny_llama, trainable
 
 
-WORLD = 2
 STEPS = 4
 LR, EPS, SEED = 5e-2, 1e-3, 7
 TRAINER_STEPS = 3
-# Full batch in one process vs two half batches, float64 end to end (transformers' RMSNorm, which upcasts to float32
-# and back, is replaced by a float64 one, see `Float64RMSNorm`): only float64 reassociation between a batch of 4 and
-# two of 2 remains, far below these tolerances on every CPU kernel set (avx512, avx2, default) although ĝ divides the
-# loss difference by 2ε.
-FULL_BATCH_TOLERANCE = dict(rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # shared helpers (used by the ranks and by the single-process references)
 # --------------------------------------------------------------------------------------------------------------------
-class Float64RMSNorm(nn.Module):
-    """RMSNorm computed in the input's own dtype. transformers' `LlamaRMSNorm` computes in float32 whatever the input,
-    so a "float64" Llama rounds to float32 in every norm; with batch-size-dependent float64 matmuls in front, the full
-    batch and the half batches can then round differently, and ĝ = ΔL / 2ε magnifies that (on CPUs without AVX-512)."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
-        self.eps = norm.variance_epsilon
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def float64_llama() -> nn.Module:
-    """The tiny Llama in float64 with no float32 island left in the batch-dependent part of its forward (the rotary
-    embedding's float32 cos/sin depend on the positions only, identical for every batch size)."""
-    model = make_tiny_llama().double()
-    norms = [(name, module) for name, module in model.named_modules() if type(module).__name__ == "LlamaRMSNorm"]
-    assert norms, "the tiny Llama has no LlamaRMSNorm to replace: update float64_llama"
-    for name, norm in norms:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Float64RMSNorm(norm).double())
-    return model
-
-
 def tiny_model(r: int = 0, scorer: str = "magnitude", double: bool = False) -> nn.Module:
     """The tiny Llama with a MaZO adapter; `double`: float64 base, norms and delta (rounding far below the ZO signal)."""
     base = float64_llama() if double else make_tiny_llama()
@@ -78,29 +54,9 @@ def tiny_model(r: int = 0, scorer: str = "magnitude", double: bool = False) -> n
     return get_peft_model(base, MaZOConfig(sparsity=0.5, r=r, scorer=scorer, delta_dtype=delta_dtype))
 
 
-def step_batch(step: int, size: int = 4, length: int = 12) -> torch.Tensor:
-    """The global batch of `step` (no padding: every row has the same token count, so the mean of the two ranks'
-    half-batch losses is the full-batch loss up to rounding)."""
-    return torch.randint(0, 128, (size, length), generator=torch.Generator().manual_seed(100 + step))
-
-
-def half(batch: torch.Tensor, rank: int) -> torch.Tensor:
-    return zo_dist.shard(batch, rank, WORLD)
-
-
 def two_task_losses(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """(2,) per-task losses: the LM loss on the rows, and on the rows reversed in time."""
     return torch.stack([lm_loss(model, ids), lm_loss(model, ids.flip(1))])
-
-
-def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over the tokens, in the logits' dtype (the model's own loss upcasts to float32
-    only, which would hide float64 precision)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return summed_cross_entropy(model(input_ids=ids).logits, ids) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 def trainer_loss(outputs, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:

@@ -40,19 +40,10 @@ from peft_mazo import ZOSGD, MaZOConfig, MaZOLayer
 from peft_mazo import distributed as zo_dist
 from peft_mazo.memory import LLAMA2_7B, LLAMA2_70B, ModelShapes, predict_memory_per_gpu
 from peft_mazo.sharding import is_sharded, load_from_rank0, local_base_bytes, replicated_state, shard_base
-from tests.distributed.test_distributed import (
-    FULL_BATCH_TOLERANCE,
-    bitwise_equal,
-    float64_llama,
-    half,
-    lm_loss,
-    step_batch,
-    trainable,
-)
-from tests.helpers import ROOT, make_tiny_llama
+from tests.distributed.common import FULL_BATCH_TOLERANCE, WORLD, float64_llama, half, lm_loss, step_batch
+from tests.helpers import ROOT, bitwise_equal, make_tiny_llama, trainable
 
 
-WORLD = 2
 STEPS = 4
 LR, EPS, SEED = 5e-2, 1e-3, 7
 ODD_VOCAB = 129  # the embeddings and the head do not split evenly over 2 ranks: FSDP2 pads the last shard
