@@ -376,6 +376,21 @@ def commands_run(extra: dict[str, Any], log_text: str) -> list[str]:
     return [line[2:] for line in log_text.splitlines() if line.startswith("$ ")]
 
 
+PIECES = "pieces.jsonl"  # in a run directory: one line per piece of the run (a call's part of it), its wall time
+
+
+def record_piece(run_dir: Path, seconds: float, ended: str) -> None:
+    """Append a piece of the run (`ended`: "finished" or "interrupted") to its run directory's pieces.jsonl."""
+    with open(run_dir / PIECES, "a") as f:
+        f.write(json.dumps({"seconds": round(seconds, 1), "ended": ended}) + "\n")
+
+
+def pieces_of(run_dir: Path) -> list[dict]:
+    """The recorded pieces of a run (a piece cut off without its driver, e.g. a killed call, is not among them)."""
+    path = run_dir / PIECES
+    return read_jsonl(path) if path.exists() else []
+
+
 def collect(args, job: Job, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Copy a finished run's small files into `--results/<id>/` and return its record (run.json)."""
     results_path = run_dir / "results.json"
@@ -401,6 +416,12 @@ def collect(args, job: Job, run_dir: Path, extra: dict[str, Any]) -> dict[str, A
     if job.kind == "shared":
         selection = json.loads(files.get("train_results.json", "{}")).get("selection") or {}
     best_losses = [s.get("best_loss") for s in selection.values()]
+    commands = commands_run(extra, log_text)
+    pieces = pieces_of(run_dir)
+    wall = (
+        sum(p["seconds"] for p in pieces) if pieces else extra.get("wall_seconds", (results or {}).get("wall_seconds"))
+    )
+    resumed = bool(extra.get("resumed")) or len(pieces) > 1 or any("--resume" in c.split() for c in commands)
     record = {
         "id": job.id,
         **job.settings(),
@@ -410,10 +431,11 @@ def collect(args, job: Job, run_dir: Path, extra: dict[str, Any]) -> dict[str, A
         "average_validation": (results or {}).get("average_validation"),
         "selected_step": (results or {}).get("selected_step"),
         "best_loss": sum(best_losses) / len(best_losses) if best_losses and all(map(_finite, best_losses)) else None,
-        "wall_seconds": extra.get("wall_seconds", (results or {}).get("wall_seconds")),
+        "wall_seconds": wall,  # every recorded piece of the run, summed
+        "pieces": len(pieces),
         "returncode": extra.get("returncode", 0),
-        "resumed": extra.get("resumed", False),
-        "commands": commands_run(extra, log_text),
+        "resumed": resumed,
+        "commands": commands,
         "command": args.command_line,
         **args.environment,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -484,7 +506,8 @@ def start(args, active: Active) -> None:
 
 
 def estimate(job: Job, records: dict[str, dict], device: str) -> Optional[float]:
-    """A run's wall time: the median of finished runs of the same method on this device (else of the same kind)."""
+    """A run's wall time: the median of finished runs of the same method on this device (else of the same kind), each
+    run's recorded pieces summed (the wait for runs sharing the device included)."""
     same_device = [
         r for r in records.values()
         if r.get("device") == device and _finite(r.get("wall_seconds")) and r["status"] in ("ok", "diverged")
@@ -493,6 +516,13 @@ def estimate(job: Job, records: dict[str, dict], device: str) -> Optional[float]
     same_kind = [r["wall_seconds"] for r in same_device if (r["method"] == "zero-shot") == (job.kind == "zero-shot")]
     walls = same_method or same_kind
     return statistics.median(walls) if walls else None
+
+
+def time_left_of(job: Job, records: dict[str, dict], device: str, run_dir: Path) -> Optional[float]:
+    """The wall time a run still needs: `estimate` less what its recorded pieces already spent (at least a tenth)."""
+    expected = estimate(job, records, device)
+    spent = sum(p["seconds"] for p in pieces_of(run_dir))
+    return max(expected - spent, 0.1 * expected) if expected is not None and spent else expected
 
 
 def stop(active: dict[str, Active], grace: float, started: float) -> None:
@@ -511,6 +541,7 @@ def stop(active: dict[str, Active], grace: float, started: float) -> None:
             item.process.kill()
             item.process.wait()
         item.log.close()
+        record_piece(item.run_dir, time.time() - item.started, "interrupted")
 
 
 def check_protocol(args, records: dict[str, dict]) -> None:
@@ -581,7 +612,7 @@ def schedule(args, records: dict[str, dict], started: float, stopping: list, cou
                 counts["collected"] += 1
                 log(f"collected {job.id}: results exist in {run_dir} ({records[job.id]['status']})", started)
                 continue
-            expected = estimate(job, records, device)
+            expected = time_left_of(job, records, device, run_dir)
             if deadline is not None and expected is not None:
                 left = deadline - args.grace - time.monotonic()
                 if expected * args.safety > left:
@@ -605,6 +636,7 @@ def schedule(args, records: dict[str, dict], started: float, stopping: list, cou
                 continue
             if code in (130, -signal.SIGINT) or (stopping and code != 0):  # interrupted from outside: not a result
                 item.log.close()
+                record_piece(item.run_dir, time.time() - item.started, "interrupted")
                 del active[job_id]
                 counts["stopped"] += 1
                 log(f"interrupted {job_id}; its checkpoints stay in {item.run_dir}", started)
@@ -616,6 +648,7 @@ def schedule(args, records: dict[str, dict], started: float, stopping: list, cou
             item.log.close()
             del active[job_id]
             wall = time.time() - item.started
+            record_piece(item.run_dir, wall, "finished")
             extra = {"returncode": code, "wall_seconds": wall, "resumed": item.resumed, "commands": item.commands}
             records[job_id] = collect(args, item.job, item.run_dir, extra)
             counts["finished"] += 1

@@ -428,7 +428,9 @@ def report(args) -> str:
         lines += [
             "",
             f"Device: {', '.join(devices)}. Runs shared the device (`--parallel`), so a run's wall time includes "
-            "waiting for the others; versions, commit and exact commands are in each `run.json`.",
+            "waiting for the others. A run resumed over several calls sums its pieces where its `run.json` counts "
+            "them (`pieces`); older records hold only the last call's part. Versions, commit and exact commands are "
+            "in each `run.json`.",
             "",
         ]
     missing = [(job, why) for job, why in plan(args, records) if job.id not in records]

@@ -231,3 +231,25 @@ def test_a_run_collected_from_its_directory_records_the_commands_that_made_it(tm
     assert saved["commands"] == [first, again] and saved["status"] == "ok"
     started = pe.collect(args, job, run_dir, {"commands": [["mazo", "train", "--lr", "1e-05"]], "wall_seconds": 3.0})
     assert started["commands"] == ["mazo train --lr 1e-05"] and started["wall_seconds"] == 3.0
+
+
+def test_a_resumed_runs_wall_time_sums_its_pieces_and_its_estimate_counts_what_is_left(tmp_path):
+    """A run cut by one call's deadline and finished by the next: run.json holds the wall time of both pieces and says
+    it resumed, even when a later call collects it from its directory; a resumed run is expected to need less."""
+    args = pe.parse_args(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "runs")])
+    args.command_line, args.environment = "paper_experiment.py", {"device": "cpu", "git_commit": "abc"}
+    job = pe.Job("mtl-zo_lr1e-05_eps0.01_seed0", "grid", "mtl-zo", ["sst2"], 0, 1e-5, 0.01)
+    run_dir = tmp_path / "runs" / job.id
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"average_after": 51.0, "wall_seconds": 7.0}))
+    pe.record_piece(run_dir, 30.0, "interrupted")
+    pe.record_piece(run_dir, 12.5, "finished")
+    for extra in ({"wall_seconds": 12.5, "resumed": True}, {"resumed": False}):  # this call's run; a collected one
+        record = pe.collect(args, job, run_dir, extra)
+        assert (record["wall_seconds"], record["pieces"], record["resumed"]) == (42.5, 2, True)
+    other = pe.Job("mtl-zo_lr1e-05_eps0.01_seed1", "seeds", "mtl-zo", ["sst2"], 1, 1e-5, 0.01)
+    assert pe.estimate(other, {job.id: record}, "cpu") == 42.5  # a whole run, both pieces
+    assert pe.time_left_of(other, {job.id: record}, "cpu", tmp_path / "runs" / other.id) == 42.5  # not begun
+    (tmp_path / "runs" / other.id).mkdir()
+    pe.record_piece(tmp_path / "runs" / other.id, 30.0, "interrupted")
+    assert pe.time_left_of(other, {job.id: record}, "cpu", tmp_path / "runs" / other.id) == 12.5
