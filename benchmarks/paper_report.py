@@ -248,7 +248,8 @@ def long_runs_table(runs_dir: Path, records: dict[str, dict], figure: Path) -> l
 
 
 def _shown(path: Path) -> Path:
-    return path.relative_to(ROOT) if ROOT in path.resolve().parents else path
+    """`path` relative to the repository where it lies inside it (as the page shows it), else as given."""
+    return path.resolve().relative_to(ROOT) if ROOT in path.resolve().parents else path
 
 
 def budget_section(budget_dir: Path, figures: Path) -> list[str]:
@@ -295,7 +296,7 @@ def lora_2000_section(runs_dir: Path, figures: Path) -> list[str]:
     lines = [
         f"### The LoRA pair at {protocol.get('steps')} steps",
         "",
-        f"From `{_shown(runs_dir)}` ({len(records)} runs on {', '.join(devices)}, commit {', '.join(commits)}): "
+        f"From `{_shown(runs_dir)}` ({len(records)} runs on {', '.join(devices)}, commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}): "
         f"{settings} (one setting per method, no grid), up to {protocol.get('steps')} steps of "
         f"{protocol.get('batch_size')} examples per task, validation loss every {protocol.get('eval_every')} steps on "
         f"{protocol.get('n_val_eval') or 'all'} validation examples per task, patience "
@@ -342,8 +343,10 @@ def report(args) -> str:
     args.tasks = tasks
     lines = [GENERATED_BEGIN, ""]
     if not records:
-        shown = results_dir.relative_to(ROOT) if ROOT in results_dir.resolve().parents else results_dir
-        lines += [f"No run has finished yet: the tables and figures appear here once results are in `{shown}`.", ""]
+        lines += [
+            f"No run has finished yet: the tables and figures appear here once results are in `{_shown(results_dir)}`.",
+            "",
+        ]
     devices = sorted({r.get("device", "?") for r in records.values()})
     commits = sorted({str(r.get("git_commit", "?"))[:7] for r in records.values()})
     first_results = next((load_results(results_dir, r) for r in records.values() if r["phase"] != "ablation"), {})
